@@ -1,0 +1,78 @@
+"""Image resizing that reproduces `torch.nn.functional.interpolate` (align_corners=False, no antialias).
+
+Resizing is a product of two 1-D interpolation matrices (rows, then columns), so sizes are static
+while scales may be traced: the degradation chain can draw a scale per sample without recompiling.
+Images are NHWC (or HWC) floats; the value range is untouched (no clipping).
+"""
+import math
+
+import jax.numpy as jnp
+
+METHODS = ("nearest", "bilinear", "bicubic", "area")
+_CUBIC_A = -0.75  # PyTorch's Keys coefficient (PIL and jax.image use -0.5).
+
+
+def _cubic_weights(frac):
+  """Keys cubic convolution weights for taps at offsets -1, 0, 1, 2; frac in [0, 1). Shape (..., 4)."""
+  a = _CUBIC_A
+
+  def near(d):  # |d| <= 1
+    return ((a + 2) * d - (a + 3)) * d * d + 1
+
+  def far(d):  # 1 < |d| < 2
+    return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+  return jnp.stack([far(frac + 1), near(frac), near(1 - frac), far(2 - frac)], axis=-1)
+
+
+def interp_matrix(in_size, out_size, method, scale=None):
+  """(out_size, in_size) matrix M with `resized = M @ signal`, following PyTorch's index rules.
+
+  Args:
+    in_size, out_size: static ints.
+    method: one of METHODS.
+    scale: optional ratio in_size/out_size used to map coordinates, as PyTorch does when it is given
+      `scale_factor` (it then uses 1/scale_factor, not in/out). May be a traced scalar. Ignored for
+      "area", which is adaptive average pooling and depends on the sizes only.
+  """
+  if method not in METHODS:
+    raise ValueError(f"Unknown resize method {method!r}; expected one of {METHODS}.")
+  if method == "area":
+    rows = []
+    for i in range(out_size):
+      start, end = (i * in_size) // out_size, math.ceil((i + 1) * in_size / out_size)
+      rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(in_size)])
+    return jnp.asarray(rows, jnp.float32)
+  ratio = in_size / out_size if scale is None else jnp.asarray(scale, jnp.float32)
+  out_idx = jnp.arange(out_size, dtype=jnp.float32)
+  cols = jnp.arange(in_size)
+  if method == "nearest":
+    src = jnp.minimum(jnp.floor(out_idx * ratio).astype(jnp.int32), in_size - 1)
+    return (src[:, None] == cols[None, :]).astype(jnp.float32)
+  src = (out_idx + 0.5) * ratio - 0.5
+  if method == "bilinear":
+    src = jnp.maximum(src, 0.0)
+    taps, weights = jnp.floor(src)[:, None] + jnp.arange(2), jnp.stack(
+        [1 - (src - jnp.floor(src)), src - jnp.floor(src)], axis=-1)
+  else:  # bicubic: no clamp of the source coordinate, taps clamped to the border
+    taps, weights = jnp.floor(src)[:, None] + jnp.arange(-1, 3), _cubic_weights(src - jnp.floor(src))
+  taps = jnp.clip(taps.astype(jnp.int32), 0, in_size - 1)
+  # Scatter tap weights into dense rows; taps clamped onto the same border index add up, as in PyTorch.
+  return jnp.sum(weights[..., None] * (taps[..., None] == cols), axis=1)
+
+
+def resize(x, size, method="bicubic", scale=None):
+  """Resizes NHWC (or HWC) images to `size` = (height, width) like F.interpolate.
+
+  Args:
+    x: float array (..., H, W, C).
+    size: static (out_h, out_w).
+    method: "nearest" | "bilinear" | "bicubic" | "area".
+    scale: optional (scale_h, scale_w) = input/output coordinate ratios (see `interp_matrix`).
+  """
+  in_h, in_w = x.shape[-3], x.shape[-2]
+  scale_h, scale_w = (None, None) if scale is None else scale
+  rows = interp_matrix(in_h, size[0], method, scale_h).astype(x.dtype)
+  cols = interp_matrix(in_w, size[1], method, scale_w).astype(x.dtype)
+  x = jnp.einsum("oh,...hwc->...owc", rows, x, precision="highest")
+  return jnp.einsum("pw,...owc->...opc", cols, x, precision="highest")
