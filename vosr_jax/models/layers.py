@@ -5,8 +5,13 @@ Every parameter carries logical axis names (see `vosr_jax.sharding` for the mapp
   heads    attention heads (x head dim)       kv       key/value widths
   vocab    patch/latent input features        conv_in / conv_out  convolution channels
   layers   the stacked-block axis of scanned block stacks
+  norm     normalisation weights
 """
+import math
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -27,3 +32,176 @@ def dot_product_attention(q, k, v, implementation=None):
   if implementation == "xla":
     implementation = None
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def linear(din, dout, axes, *, dtype, param_dtype=jnp.float32, rngs,
+           init=jax.nn.initializers.xavier_uniform(), bias_init=jax.nn.initializers.zeros):
+  """A dense layer with a bias, both carrying logical axes (the bias takes `axes[1:]`).
+
+  Args:
+    din: input width.
+    dout: output width, or a tuple (chunks, width) for a fused projection whose chunks stay a
+      separate kernel axis (so sharding the width never splits across chunks); fan-in/fan-out of
+      `init` are those of the flat (din, prod(dout)) matrix, as for torch's fused nn.Linear.
+    axes: logical names of the kernel axes, len 1 + len(dout).
+  Returns:
+    nnx.Linear, or nnx.LinearGeneral for a tuple `dout`; output (..., *dout) in `dtype`.
+  """
+  kw = dict(kernel_init=init_with_axes(init, *axes), bias_init=init_with_axes(bias_init, *axes[1:]),
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  if isinstance(dout, tuple):
+    return nnx.LinearGeneral(din, dout, **kw)
+  return nnx.Linear(din, dout, **kw)
+
+
+class RMSNorm(nnx.Module):
+  """Llama-style RMSNorm (last axis): normalise in float32, cast to `dtype`, then * weight."""
+
+  def __init__(self, dim, *, dtype, param_dtype=jnp.float32, eps=1e-6):
+    self.weight = nnx.Param(
+        init_with_axes(jax.nn.initializers.ones, "norm")(None, (dim,), param_dtype))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    """x: (..., dim) -> (..., dim) in `dtype`."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * self.weight[...].astype(self.dtype)
+
+
+def timestep_embedding(t, dim=256, max_period=10000.0):
+  """DiT sinusoidal embedding of the raw time (no x1000 scaling), cosines first.
+
+  Args:
+    t: (B,) times.
+    dim: embedding width (even).
+  Returns:
+    (B, dim) float32: [cos(t * f_k), sin(t * f_k)], f_k = exp(-ln(max_period) * k / (dim/2)).
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nnx.Module):
+  """timestep_embedding(t) -> Linear(256, D) -> SiLU -> Linear(D, D); weights N(0, 0.02)."""
+
+  def __init__(self, hidden_size, *, dtype, param_dtype=jnp.float32, rngs, freq_dim=256):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+              init=jax.nn.initializers.normal(0.02))
+    self.freq_dim = freq_dim
+    self.linear1 = linear(freq_dim, hidden_size, (None, "embed"), **kw)
+    self.linear2 = linear(hidden_size, hidden_size, ("mlp", "embed"), **kw)
+
+  def __call__(self, t):
+    """t: (B,) -> (B, D)."""
+    return self.linear2(jax.nn.silu(self.linear1(timestep_embedding(t, self.freq_dim))))
+
+
+def rope_tables(grid_hw, head_dim, rope_grid):
+  """2D RoPE angle tables (EVA-02 `VisionRotaryEmbeddingFast`, position-interpolated).
+
+  Channels [0, hd/2) rotate by the row position i / h * rope_grid, channels [hd/2, hd) by the column
+  position j / w * rope_grid; each half uses the frequencies 10000**(-2k/(hd/2)), k < hd/4, repeated
+  in interleaved pairs. On a square grid this is the official table (`forward_flexible`).
+
+  Args:
+    grid_hw: (h, w) token grid.
+    head_dim: hd (divisible by 4).
+    rope_grid: the training grid side the positions are scaled to.
+  Returns:
+    (cos, sin), float32 numpy arrays of shape (h*w, hd), tokens in row-major order.
+  """
+  axis_dim = head_dim // 2
+  freqs = 1.0 / (10000.0 ** (np.arange(0, axis_dim, 2, dtype=np.float32) / axis_dim))
+
+  def axis_angles(length):
+    pos = np.arange(length, dtype=np.float32) / np.float32(length) * np.float32(rope_grid)
+    return np.repeat(pos[:, None] * freqs[None, :], 2, axis=-1)  # (length, hd/2)
+
+  h, w = grid_hw
+  rows = np.broadcast_to(axis_angles(h)[:, None, :], (h, w, axis_dim))
+  cols = np.broadcast_to(axis_angles(w)[None, :, :], (h, w, axis_dim))
+  angles = np.concatenate([rows, cols], axis=-1).reshape(h * w, head_dim)
+  return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x, rope):
+  """Rotates the interleaved pairs (2j, 2j+1) of x (B, N, H, hd) by the (N, hd) tables `rope`.
+
+  out[2j] = x[2j] cos - x[2j+1] sin, out[2j+1] = x[2j+1] cos + x[2j] sin; tables in x's dtype.
+  """
+  cos, sin = (jnp.asarray(a, x.dtype)[None, :, None, :] for a in rope)
+  pairs = x.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return x * cos + rotated * sin
+
+
+class SelfAttention(nnx.Module):
+  """Fused-qkv self-attention, RMSNorm on q and k (over hd), then 2D RoPE on q and k."""
+
+  def __init__(self, dim, num_heads, *, attention=None, dtype, param_dtype=jnp.float32, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads, self.attention = num_heads, attention
+    self.qkv = linear(dim, (3, dim), ("embed", None, "heads"), **kw)
+    self.q_norm = RMSNorm(dim // num_heads, dtype=dtype, param_dtype=param_dtype)
+    self.k_norm = RMSNorm(dim // num_heads, dtype=dtype, param_dtype=param_dtype)
+    self.proj = linear(dim, dim, ("heads", "embed"), **kw)
+
+  def __call__(self, x, rope):
+    """x: (B, N, D), rope: (cos, sin) tables (N, hd) -> (B, N, D)."""
+    b, n, d = x.shape
+    q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, n, 3, self.num_heads, -1), 2, 0)
+    q = apply_rope(self.q_norm(q), rope)
+    k = apply_rope(self.k_norm(k), rope)
+    return self.proj(dot_product_attention(q, k, v, self.attention).reshape(b, n, d))
+
+
+class CrossAttention(nnx.Module):
+  """Attention from x to a condition sequence: separate q and fused kv, RMSNorm q/k, no RoPE."""
+
+  def __init__(self, dim, num_heads, *, attention=None, dtype, param_dtype=jnp.float32, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads, self.attention = num_heads, attention
+    self.q_linear = linear(dim, dim, ("embed", "heads"), **kw)
+    self.kv_linear = linear(dim, (2, dim), ("embed", None, "heads"), **kw)
+    self.q_norm = RMSNorm(dim // num_heads, dtype=dtype, param_dtype=param_dtype)
+    self.k_norm = RMSNorm(dim // num_heads, dtype=dtype, param_dtype=param_dtype)
+    self.proj = linear(dim, dim, ("heads", "embed"), **kw)
+
+  def __call__(self, x, cond):
+    """x: (B, N, D), cond: (B, M, D) -> (B, N, D)."""
+    b, n, d = x.shape
+    q = self.q_norm(self.q_linear(x).reshape(b, n, self.num_heads, -1))
+    k, v = jnp.moveaxis(self.kv_linear(cond).reshape(b, cond.shape[1], 2, self.num_heads, -1), 2, 0)
+    out = dot_product_attention(q, self.k_norm(k), v, self.attention)
+    return self.proj(out.reshape(b, n, d))
+
+
+class SwiGLU(nnx.Module):
+  """w3(silu(gate) * value), where w12(x) gives [gate, value] as a (2, hidden) output axis."""
+
+  def __init__(self, dim, hidden, *, dtype, param_dtype=jnp.float32, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.w12 = linear(dim, (2, hidden), ("embed", None, "mlp"), **kw)
+    self.w3 = linear(hidden, dim, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    """x: (..., D) -> (..., D)."""
+    h = self.w12(x)
+    return self.w3(jax.nn.silu(h[..., 0, :]) * h[..., 1, :])
+
+
+class Mlp(nnx.Module):
+  """fc1 -> GELU (tanh approximation) -> fc2 (timm `Mlp` with approx_gelu)."""
+
+  def __init__(self, din, hidden, dout, *, dtype, param_dtype=jnp.float32, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = linear(din, hidden, ("embed", "mlp"), **kw)
+    self.fc2 = linear(hidden, dout, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    """x: (..., din) -> (..., dout)."""
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))

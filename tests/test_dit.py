@@ -1,0 +1,292 @@
+"""The JAX LightningDiT against torch_reference, a PyTorch one written from VOSR_SPEC.md §1."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import vosr_jax  # noqa: F401  (package config)
+from torch_reference import LightningDiT as TorchDiT
+from torch_reference import rope_table
+from vosr_jax.models import dit, layers
+
+SMALL = dict(latent_channels=4, hidden_size=64, depth=2, num_heads=4, enc_dim=48)
+GRID = 8  # RoPE training grid of the small model: input_size 16 // patch 2.
+ATOL_F32 = 1e-5  # max |JAX - torch| in float32; outputs have std ~1.
+BF16_REL = 0.03  # ||bf16 - f32|| / ||f32||; measured 6e-3 to 9e-3 (max abs error ~3e-2).
+
+
+def _randomize(module, seed):
+  """Replaces every parameter (zero- and one-initialised ones too) by a random one of sane scale."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if p.dim() >= 2 and "scale_shift_table" not in name:
+        p.copy_(noise / math.sqrt(p[0].numel()))
+      elif "norm" in name and name.endswith("weight"):
+        p.copy_(1 + 0.2 * noise)
+      else:
+        p.copy_(0.3 * noise)
+  return module
+
+
+def _abstract(**kw):
+  return nnx.eval_shape(lambda: dit.LightningDiT(**kw, rngs=nnx.Rngs(0)))
+
+
+def _forward_fn(model):
+  """A jitted (params, z_t, lr, t, tokens, r) -> velocity for `model`'s graph."""
+  graphdef, _ = nnx.split(model, nnx.Param)
+  return jax.jit(lambda params, *args: nnx.merge(graphdef, params)(*args))
+
+
+def _params(model, pure):
+  state = nnx.state(model, nnx.Param)
+  state.replace_by_pure_dict(jax.tree.map(jnp.asarray, pure))
+  return state
+
+
+def _inputs(seed, batch, hw, one_step):
+  """NHWC (z_t, lr), t, tokens and r; the last sample is a weak-branch one (zero tokens)."""
+  rng = np.random.default_rng(seed)
+  z_t = rng.standard_normal((batch, *hw, 4), dtype=np.float32)
+  lr = rng.standard_normal((batch, *hw, 4), dtype=np.float32)
+  lr[-1] *= 0.15
+  t = rng.uniform(0, 1, batch).astype(np.float32)
+  tok = rng.standard_normal((batch, 12, 48), dtype=np.float32)
+  tok[-1] = 0
+  r = (t * rng.uniform(0, 1, batch)).astype(np.float32) if one_step else None
+  return z_t, lr, t, tok, r
+
+
+def _torch_forward(ref, z_t, lr, t, tok, r):
+  x = torch.from_numpy(np.concatenate([lr, z_t], -1)).permute(0, 3, 1, 2)
+  rr = None if r is None else torch.from_numpy(r)
+  return ref(x, torch.from_numpy(t), rr, [torch.from_numpy(tok)]).permute(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["teacher", "student"])
+def pair(request):
+  """(randomised torch reference, its state dict, converted params, inferred model kwargs)."""
+  torch.manual_seed(0)
+  ref = _randomize(TorchDiT(**SMALL, input_size=2 * GRID, one_step=request.param), seed=1).eval()
+  sd = ref.state_dict()
+  params, kwargs = dit.params_from_torch(sd)
+  return ref, sd, params, kwargs
+
+
+def test_inferred_kwargs(pair):
+  _, _, _, kwargs = pair
+  assert kwargs == dict(SMALL, patch_size=2, mlp_ratio=4, encdim_ratio=3, rope_grid=GRID,
+                        one_step=kwargs["one_step"])
+
+
+@pytest.mark.parametrize("side", [2 * GRID, 3 * GRID], ids=["train_grid", "interpolated_rope"])
+def test_matches_torch_reference(pair, side):
+  ref, _, pure, kwargs = pair
+  args = _inputs(side, 3, (side, side), kwargs["one_step"])
+  with torch.no_grad():
+    want = _torch_forward(ref, *args).numpy()
+  outs = {}
+  for scan in (True, False):
+    model = _abstract(**kwargs, scan=scan)
+    outs[scan] = np.asarray(_forward_fn(model)(_params(model, pure), *args))
+  assert outs[True].shape == want.shape == (3, side, side, 4)
+  assert np.std(want) > 0.5  # a live output, so the comparison means something
+  assert np.abs(outs[True] - want).max() <= ATOL_F32
+  np.testing.assert_allclose(outs[False], outs[True], atol=1e-6, rtol=0)  # unrolled == scanned
+
+
+@pytest.mark.parametrize("pair", [True], ids=["student"], indirect=True)
+def test_grads_match_torch_with_remat(pair):
+  """Gradients of every parameter (mapped by the same conversion), scanned blocks with remat."""
+  ref, _, pure, kwargs = pair
+  args = _inputs(7, 2, (2 * GRID, 2 * GRID), one_step=True)
+  weight = np.random.default_rng(8).standard_normal(args[0].shape, dtype=np.float32)
+  ref.zero_grad()
+  (_torch_forward(ref, *args) * torch.from_numpy(weight)).sum().backward()
+  want, _ = dit.params_from_torch({k: p.grad for k, p in ref.named_parameters()})
+
+  model = _abstract(**kwargs, remat_policy="nothing_saveable")
+  graphdef, _ = nnx.split(model, nnx.Param)
+  loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(*args) * weight)
+  got = jax.jit(jax.grad(loss))(_params(model, pure)).to_pure_dict()
+  for path, g in jax.tree_util.tree_leaves_with_path(got):
+    w = want
+    for key in path:
+      w = w[key.key]
+    np.testing.assert_allclose(np.asarray(g), w, atol=1e-4 * np.abs(w).max() + 1e-7, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("pair", [True], ids=["student"], indirect=True)
+def test_bfloat16_compute_tracks_float32(pair):
+  ref, _, pure, kwargs = pair
+  args = _inputs(5, 2, (2 * GRID, 2 * GRID), one_step=True)
+  with torch.no_grad():
+    want = _torch_forward(ref, *args).numpy()
+  model = _abstract(**kwargs, dtype=jnp.bfloat16)
+  params = _params(model, pure)
+  got = _forward_fn(model)(params, *args)
+  assert got.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  rel = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
+  assert 1e-4 < rel < BF16_REL  # really computed in bf16, and close
+
+
+def test_rectangular_grid_rope_positions():
+  """Rows use positions i/h*G on the first half of hd, columns j/w*G on the second half."""
+  h, w, hd = 4, 6, 16
+  cos, sin = layers.rope_tables((h, w), hd, GRID)
+  for table, (want_h, want_w) in ((cos, (rope_table(h, hd, GRID)[0], rope_table(w, hd, GRID)[0])),
+                                  (sin, (rope_table(h, hd, GRID)[1], rope_table(w, hd, GRID)[1]))):
+    table = table.reshape(h, w, hd)
+    rows = want_h.numpy().reshape(h, h, hd)[:, :1, :hd // 2]  # square table: row i, any column
+    cols = want_w.numpy().reshape(w, w, hd)[:1, :, hd // 2:]
+    np.testing.assert_allclose(table[..., :hd // 2], np.broadcast_to(rows, (h, w, hd // 2)),
+                               atol=1e-6)
+    np.testing.assert_allclose(table[..., hd // 2:], np.broadcast_to(cols, (h, w, hd // 2)),
+                               atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fresh():
+  """A randomly initialised student and its jitted forward (z_t, lr, t, tokens, r) -> velocity."""
+  # Jitted construction: eager initialisation under nnx.vmap dispatches many small programs.
+  model = nnx.jit(lambda: dit.LightningDiT(**SMALL, rope_grid=GRID, one_step=True,
+                                           rngs=nnx.Rngs(3)))()
+  fwd = _forward_fn(model)
+  return model, lambda *args: fwd(nnx.state(model, nnx.Param), *args)
+
+
+def test_rectangular_latents_run(pair):
+  """A 16x24 latent (8x12 tokens) through the converted reference weights."""
+  _, _, pure, kwargs = pair
+  model = _abstract(**kwargs)
+  args = _inputs(3, 2, (16, 24), kwargs["one_step"])
+  out = np.asarray(_forward_fn(model)(_params(model, pure), *args))
+  assert out.shape == (2, 16, 24, 4) and np.all(np.isfinite(out)) and np.std(out) > 0.5
+
+
+def test_initialization_follows_spec(fresh):
+  model, forward = fresh
+  p = nnx.state(model, nnx.Param).to_pure_dict()
+  d = SMALL["hidden_size"]
+  assert np.all(np.asarray(forward(*_inputs(0, 2, (16, 16), True))) == 0)  # zero final layer
+  qkv = np.asarray(p["blocks"]["attn"]["qkv"]["kernel"])
+  bound = math.sqrt(6 / (d + 3 * d))  # xavier_uniform on torch's (3D, D) weight
+  assert np.abs(qkv).max() <= bound and np.std(qkv) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+  assert not np.allclose(qkv[0], qkv[1])  # each block draws its own weights
+  patch = np.asarray(p["x_embedder"]["kernel"])  # xavier on the conv's (D, Cin*p*p) view
+  assert np.abs(patch).max() <= math.sqrt(6 / (patch.shape[0] + d))
+  for name in ("t_embedder", "r_embedder"):
+    assert np.std(p[name]["linear1"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+  assert np.std(p["t_block"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+  table = np.asarray(p["blocks"]["scale_shift_table"])
+  assert np.std(table) == pytest.approx(1 / math.sqrt(d), rel=0.15)
+  assert np.all(np.asarray(p["blocks"]["norm1"]["weight"]) == 1)
+  assert np.all(np.asarray(p["blocks"]["attn"]["proj"]["bias"]) == 0)
+
+
+def test_every_parameter_has_logical_axes(fresh):
+  for path, var in nnx.to_flat_state(nnx.state(fresh[0], nnx.Param)):
+    axes = var.get_metadata()["out_sharding"]
+    assert len(axes) == var[...].ndim, path
+    assert (axes[0] == "layers") == (path[0] == "blocks"), path
+
+
+@pytest.mark.parametrize("variant,one_step,count", [
+    ("0.5b", False, 485_623_616), ("0.5b", True, 485_623_616 + 1_312_768),
+    ("1.4b", False, 1_393_943_616), ("1.4b", True, 1_393_943_616 + 2_755_584)])
+def test_official_parameter_counts(variant, one_step, count):
+  assert dit.param_count(**dit.variant_kwargs(variant, one_step=one_step)) == count
+
+
+def test_official_0_5b_key_set_converts():
+  """Every key and shape of an official 0.5B state dict (spec §1.2; 2 of 28 blocks) maps."""
+  d, enc, c, hid = 1024, 768, 4, 2730
+  shapes = {"x_embedder.proj.weight": (d, 2 * c, 2, 2), "x_embedder.proj.bias": (d,),
+            "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+            "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+            "t_block.1.weight": (6 * d, d), "t_block.1.bias": (6 * d,),
+            "layer_norm.weight": (enc,), "layer_norm.bias": (enc,),
+            "mlp_ca.fc1.weight": (3 * d, enc), "mlp_ca.fc1.bias": (3 * d,),
+            "mlp_ca.fc2.weight": (d, 3 * d), "mlp_ca.fc2.bias": (d,),
+            "final_layer.norm_final.weight": (d,),
+            "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+            "final_layer.adaLN_modulation.1.bias": (2 * d,),
+            "final_layer.linear.weight": (4 * c, d), "final_layer.linear.bias": (4 * c,),
+            "feat_rope.freqs_cos": (1024, 64), "feat_rope.freqs_sin": (1024, 64)}
+  for i in range(2):
+    b = f"blocks.{i}."
+    shapes.update({b + "scale_shift_table": (6, d), b + "norm1.weight": (d,),
+                   b + "norm2.weight": (d,), b + "attn.qkv.weight": (3 * d, d),
+                   b + "attn.qkv.bias": (3 * d,), b + "mlp.w12.weight": (2 * hid, d),
+                   b + "mlp.w12.bias": (2 * hid,), b + "mlp.w3.weight": (d, hid),
+                   b + "mlp.w3.bias": (d,)})
+    for name in ("attn.q_norm", "attn.k_norm", "cross_attn.q_norm", "cross_attn.k_norm"):
+      shapes[b + name + ".weight"] = (64,)
+    for name in ("attn.proj", "cross_attn.q_linear", "cross_attn.k_linear",
+                 "cross_attn.v_linear", "cross_attn.proj"):
+      shapes.update({b + name + ".weight": (d, d), b + name + ".bias": (d,)})
+  params, kwargs = dit.params_from_torch({k: np.zeros(s, np.float32) for k, s in shapes.items()})
+  assert kwargs == dict(dit.variant_kwargs("0.5b", depth=2), patch_size=2, mlp_ratio=4,
+                        encdim_ratio=3, rope_grid=32, one_step=False)
+  assert params["blocks"]["mlp"]["w12"]["kernel"].shape == (2, d, 2, hid)
+
+
+def test_conversion_maps_each_torch_entry_to_its_place(pair):
+  """Spot checks of the layout: qkv chunks, k/v stacking, SwiGLU halves, patch-embed order."""
+  _, sd, p, kwargs = pair
+  np_ = lambda k: sd[k].numpy()
+  d = SMALL["hidden_size"]
+  np.testing.assert_array_equal(p["blocks"]["attn"]["qkv"]["kernel"][1, :, 1],
+                                np_("blocks.1.attn.qkv.weight")[d:2 * d].T)  # k of block 1
+  np.testing.assert_array_equal(p["blocks"]["cross_attn"]["kv_linear"]["bias"][0, 1],
+                                np_("blocks.0.cross_attn.v_linear.bias"))
+  hid = p["blocks"]["mlp"]["w3"]["kernel"].shape[1]
+  np.testing.assert_array_equal(p["blocks"]["mlp"]["w12"]["kernel"][0, :, 0],
+                                np_("blocks.0.mlp.w12.weight")[:hid].T)  # gate half
+  w = np_("x_embedder.proj.weight")  # (D, Cin, ph, pw); our rows are ordered (ph, pw, cin)
+  np.testing.assert_array_equal(p["x_embedder"]["kernel"][(1 * 2 + 0) * 8 + 5], w[:, 5, 1, 0])
+
+
+def test_bad_state_dicts_name_the_key(pair):
+  _, sd, _, kwargs = pair
+  missing = {k: v for k, v in sd.items() if k != "blocks.1.cross_attn.v_linear.bias"}
+  with pytest.raises(ValueError, match=r"blocks\.1\.cross_attn\.v_linear\.bias"):
+    dit.params_from_torch(missing)
+  with pytest.raises(ValueError, match=r"blocks\.0\.attn\.bogus"):
+    dit.params_from_torch({**sd, "blocks.0.attn.bogus": torch.zeros(3)})
+  with pytest.raises(ValueError, match=r"mlp_ca\.fc2\.weight"):
+    dit.params_from_torch({**sd, "mlp_ca.fc2.weight": torch.zeros(64, 100)})
+  with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight"):
+    dit.params_from_torch({**sd, "blocks.0.attn.qkv.weight": torch.zeros(190, 64)})
+  with pytest.raises(ValueError, match=r"x_embedder\.proj\.weight"):
+    dit.params_from_torch({k: v for k, v in sd.items() if not k.startswith("x_embedder")})
+  if kwargs["one_step"]:  # half an r_embedder: the rest is unknown
+    with pytest.raises(ValueError, match=r"r_embedder\.mlp\.2\.weight"):
+      dit.params_from_torch({k: v for k, v in sd.items() if k != "r_embedder.mlp.0.weight"})
+
+
+def test_bad_configs_and_inputs_raise(fresh):
+  with pytest.raises(ValueError, match="num_heads"):
+    _abstract(**dict(SMALL, num_heads=5))
+  with pytest.raises(ValueError, match="remat_policy"):
+    _abstract(**SMALL, remat_policy="everything")
+  with pytest.raises(ValueError, match="variant"):
+    dit.variant_kwargs("2b")
+  _, forward = fresh
+  z_t, lr, t, tok, r = _inputs(0, 2, (16, 16), True)
+  with pytest.raises(ValueError, match="divisible by 2"):
+    forward(z_t[:, :15], lr[:, :15], t, tok, r)
+  with pytest.raises(ValueError, match=r"\(B, H, W, 4\)"):
+    forward(z_t[..., :3], lr[..., :3], t, tok, r)
+  with pytest.raises(ValueError, match="tokens"):
+    forward(z_t, lr, t, tok[..., :40], r)
+  graphdef, abstract_params = nnx.split(_abstract(**SMALL), nnx.Param)
+  with pytest.raises(ValueError, match="r_embedder"):
+    jax.eval_shape(lambda p: nnx.merge(graphdef, p)(z_t, lr, t, tok, r), abstract_params)
