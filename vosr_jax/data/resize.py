@@ -76,3 +76,73 @@ def resize(x, size, method="bicubic", scale=None):
   cols = interp_matrix(in_w, size[1], method, scale_w).astype(x.dtype)
   x = jnp.einsum("oh,...hwc->...owc", rows, x, precision="highest")
   return jnp.einsum("pw,...owc->...opc", cols, x, precision="highest")
+
+
+def canvas_interp_matrix(in_canvas, out_canvas, in_size, out_size, method, ratio=None):
+  """(out_canvas, in_canvas) matrix resizing a signal of traced length on static-size canvases.
+
+  The input's first `in_size` entries are the signal (the rest is ignored); the output's first
+  `out_size` rows follow F.interpolate from length in_size to out_size and the other rows are 0.
+  With sizes traced, one compiled program serves every per-sample scale.
+    area: PyTorch's adaptive average pooling with the traced sizes (window
+      [floor(i in/out), ceil((i+1) in/out))), exactly what F.interpolate(mode='area') does.
+    bilinear / bicubic: align_corners=False, no antialias, taps clamped to [0, in_size - 1].
+
+  Args:
+    in_canvas, out_canvas: static ints.
+    in_size, out_size: int32 scalars (may be traced); 1 <= in_size <= in_canvas and
+      out_size <= out_canvas.
+    method: "area" | "bilinear" | "bicubic".
+    ratio: input/output coordinate ratio (traced ok); None means in_size/out_size (the `size=`
+      form of F.interpolate); pass 1/scale_factor for the `scale_factor=` form. Unused by area.
+  """
+  out_idx = jnp.arange(out_canvas, dtype=jnp.int32)
+  cols = jnp.arange(in_canvas, dtype=jnp.int32)
+  in_size = jnp.asarray(in_size, jnp.int32)
+  out_size = jnp.asarray(out_size, jnp.int32)
+  valid_rows = (out_idx < out_size)[:, None]
+  if method == "area":
+    start = (out_idx * in_size) // out_size
+    end = ((out_idx + 1) * in_size + out_size - 1) // out_size
+    inside = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+    weights = inside / jnp.maximum(end - start, 1)[:, None].astype(jnp.float32)
+    return jnp.where(valid_rows, weights, 0.0).astype(jnp.float32)
+  if method not in ("bilinear", "bicubic"):
+    raise ValueError(f"Unknown canvas resize method {method!r}; expected area, bilinear or "
+                     "bicubic.")
+  if ratio is None:
+    ratio = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+  src = (out_idx.astype(jnp.float32) + 0.5) * jnp.asarray(ratio, jnp.float32) - 0.5
+  if method == "bilinear":
+    src = jnp.maximum(src, 0.0)
+    frac = src - jnp.floor(src)
+    taps, weights = jnp.floor(src)[:, None] + jnp.arange(2), jnp.stack([1 - frac, frac], axis=-1)
+  else:
+    taps = jnp.floor(src)[:, None] + jnp.arange(-1, 3)
+    weights = _cubic_weights(src - jnp.floor(src))
+  taps = jnp.clip(taps.astype(jnp.int32), 0, in_size - 1)
+  matrix = jnp.sum(weights[..., None] * (taps[..., None] == cols), axis=1)
+  return jnp.where(valid_rows, matrix, 0.0)
+
+
+def resize_canvas(x, out_canvas, in_size, out_size, mode, methods, ratio=(None, None)):
+  """Resizes one HWC canvas image whose valid part is x[:in_h, :in_w] to a valid part of out_size.
+
+  Args:
+    x: (H, W, C) float canvas.
+    out_canvas: static (out_H, out_W).
+    in_size, out_size: (h, w) pairs of int32 scalars (may be traced).
+    mode: int32 index (may be traced) into `methods`; every method's matrix is built and the
+      selected one applied (the matrices are small next to the image, so one program serves all).
+    methods: static tuple of canvas_interp_matrix methods.
+    ratio: (ratio_h, ratio_w) input/output coordinate ratios, or None entries for in/out.
+  Returns:
+    (out_H, out_W, C) canvas, zero outside the valid part.
+  """
+  mats = []
+  for axis in range(2):
+    stack = jnp.stack([canvas_interp_matrix(x.shape[axis], out_canvas[axis], in_size[axis],
+                                            out_size[axis], m, ratio[axis]) for m in methods])
+    mats.append(stack[mode].astype(x.dtype))
+  x = jnp.einsum("oh,hwc->owc", mats[0], x, precision="highest")
+  return jnp.einsum("pw,owc->opc", mats[1], x, precision="highest")
