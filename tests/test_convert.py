@@ -22,45 +22,38 @@ from vosr_jax.models import dit, vit
 
 import qwen_vae_reference
 import torch_reference
+from torch_utils import abstract, nchw, nhwc, param_state, randomize
 
 DIT = dict(latent_channels=4, hidden_size=32, depth=2, num_heads=2, enc_dim=24)
-
-
-def _randomize(module, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.copy_(torch.randn(p.shape, generator=gen) / max(p[0].numel(), 1) ** 0.5)
-  return module.eval()
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
   """A release folder with every official part, each tiny and randomly initialised."""
   root = tmp_path_factory.mktemp("release")
-  denoiser = _randomize(torch_reference.LightningDiT(**DIT, input_size=8, one_step=True), 0)
+  denoiser = randomize(torch_reference.LightningDiT(**DIT, input_size=8, one_step=True), 0)
   os.makedirs(root / "VOSR_0.5B_os" / "clean_weights")
   save_file({k: v.contiguous() for k, v in denoiser.state_dict().items()},
             str(root / "VOSR_0.5B_os" / "clean_weights" / "ema_model.safetensors"))
   vae_config = dict(block_out_channels=(32,), layers_per_block=1, norm_num_groups=8,
                     down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
-  _randomize(diffusers.AutoencoderKL(**vae_config), 1).save_pretrained(
+  randomize(diffusers.AutoencoderKL(**vae_config), 1).save_pretrained(
       root / "stable-diffusion-2-1-base" / "vae")
   light_config = dict(in_channels=4, out_channels=3, block_out_channels=[32, 32],
                       layers_per_block=1)
-  light = _randomize(diffusers.models.autoencoders.vae.Decoder(
+  light = randomize(diffusers.models.autoencoders.vae.Decoder(
       in_channels=4, out_channels=3, up_block_types=("UpDecoderBlock2D",) * 2,
       block_out_channels=(32, 32), layers_per_block=1), 2)
   torch.save({"config": light_config, "model_state_dict": light.state_dict()},
              root / "sd21_lwdecoder.pth")
-  dinov2 = _randomize(transformers.Dinov2Model(transformers.Dinov2Config(
+  dinov2 = randomize(transformers.Dinov2Model(transformers.Dinov2Config(
       hidden_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)), 3)
   os.makedirs(root / "torch_cache" / "hub" / "checkpoints")
   hub = {k: torch.from_numpy(np.asarray(v)) for k, v in vit._hf_to_hub(dinov2.state_dict()).items()}
   torch.save(hub, root / "torch_cache" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth")
   qwen = qwen_vae_reference.QwenImageVAE2D(8, 16, (1, 2), 1, [0.0] * 16, [1.0] * 16)
   os.makedirs(root / "Qwen-Image-vae-2d")
-  save_file({k: v.contiguous() for k, v in _randomize(qwen, 4).state_dict().items()},
+  save_file({k: v.contiguous() for k, v in randomize(qwen, 4).state_dict().items()},
             str(root / "Qwen-Image-vae-2d" / "diffusion_pytorch_model.safetensors"))
   with open(root / "Qwen-Image-vae-2d" / "config.json", "w") as f:
     json.dump(dict(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
@@ -89,8 +82,8 @@ def test_release_converts_every_part(converted):
 def test_written_params_equal_direct_conversion(release, converted, name, kind):
   out, report = converted
   expected, kwargs, _ = convert.CONVERTERS[kind](report[name]["source"])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), expected)
-  params, metadata = checkpoint.load_params(str(out / name), abstract)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), expected)
+  params, metadata = checkpoint.load_params(str(out / name), target)
   assert metadata == report[name]
   assert json.loads(json.dumps(kwargs)) == metadata["kwargs"]
   jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, expected))
@@ -100,20 +93,18 @@ def test_loaded_denoiser_reproduces_torch(release, converted):
   root, denoiser = release
   path = str(converted[0] / "VOSR_0.5B_os")
   kwargs = checkpoint.load_metadata(path)["kwargs"]
-  model = nnx.eval_shape(lambda: dit.LightningDiT(**kwargs, rngs=nnx.Rngs(0)))
-  state = nnx.state(model, nnx.Param)
-  params, _ = checkpoint.load_params(path, state.to_pure_dict())
-  state.replace_by_pure_dict(params)
-  nnx.update(model, state)
+  model = abstract(dit.LightningDiT, **kwargs)
+  params, _ = checkpoint.load_params(path, nnx.state(model, nnx.Param).to_pure_dict())
+  nnx.update(model, param_state(model, params))
   rng = np.random.default_rng(0)
   z_t, lr = (rng.normal(size=(2, 8, 8, 4)).astype(np.float32) for _ in range(2))
   tokens = rng.normal(size=(2, 16, 24)).astype(np.float32)
   t, r = np.array([0.9, 0.4], np.float32), np.array([0.2, 0.1], np.float32)
   ours = model(z_t, lr, t, tokens, r)
-  x = torch.from_numpy(np.concatenate([lr, z_t], -1).transpose(0, 3, 1, 2).copy())
+  x = nchw(np.concatenate([lr, z_t], -1))
   with torch.no_grad():
     ref = denoiser(x, torch.from_numpy(t), torch.from_numpy(r), [torch.from_numpy(tokens)])
-  np.testing.assert_allclose(np.asarray(ours), ref.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ours), nhwc(ref), atol=1e-5)
 
 
 def test_absent_parts_are_reported(tmp_path, release, capsys):

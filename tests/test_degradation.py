@@ -1,8 +1,6 @@
 """The Real-ESRGAN chain: building blocks against torch, noise statistics, and the whole chain."""
 import functools
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +14,7 @@ import jax.numpy as jnp
 from vosr_jax.data import degradation
 from vosr_jax.data import resize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import degradation as degradation_config  # pylint: disable=wrong-import-position
+from configs import degradation as degradation_config
 
 BATCH, SIZE = 8, 128
 

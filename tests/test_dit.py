@@ -11,6 +11,7 @@ from flax import nnx
 import vosr_jax  # noqa: F401  (package config)
 from torch_reference import LightningDiT as TorchDiT
 from torch_reference import rope_table
+from torch_utils import abstract, max_err, nchw, param_state, randomize
 from vosr_jax.models import dit, layers
 
 SMALL = dict(latent_channels=4, hidden_size=64, depth=2, num_heads=4, enc_dim=48)
@@ -19,35 +20,10 @@ ATOL_F32 = 1e-5  # max |JAX - torch| in float32; outputs have std ~1.
 BF16_REL = 0.03  # ||bf16 - f32|| / ||f32||; measured 6e-3 to 9e-3 (max abs error ~3e-2).
 
 
-def _randomize(module, seed):
-  """Replaces every parameter (zero- and one-initialised ones too) by a random one of sane scale."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if p.dim() >= 2 and "scale_shift_table" not in name:
-        p.copy_(noise / math.sqrt(p[0].numel()))
-      elif "norm" in name and name.endswith("weight"):
-        p.copy_(1 + 0.2 * noise)
-      else:
-        p.copy_(0.3 * noise)
-  return module
-
-
-def _abstract(**kw):
-  return nnx.eval_shape(lambda: dit.LightningDiT(**kw, rngs=nnx.Rngs(0)))
-
-
 def _forward_fn(model):
   """A jitted (params, z_t, lr, t, tokens, r) -> velocity for `model`'s graph."""
   graphdef, _ = nnx.split(model, nnx.Param)
   return jax.jit(lambda params, *args: nnx.merge(graphdef, params)(*args))
-
-
-def _params(model, pure):
-  state = nnx.state(model, nnx.Param)
-  state.replace_by_pure_dict(jax.tree.map(jnp.asarray, pure))
-  return state
 
 
 def _inputs(seed, batch, hw, one_step):
@@ -64,7 +40,7 @@ def _inputs(seed, batch, hw, one_step):
 
 
 def _torch_forward(ref, z_t, lr, t, tok, r):
-  x = torch.from_numpy(np.concatenate([lr, z_t], -1)).permute(0, 3, 1, 2)
+  x = nchw(np.concatenate([lr, z_t], -1))
   rr = None if r is None else torch.from_numpy(r)
   return ref(x, torch.from_numpy(t), rr, [torch.from_numpy(tok)]).permute(0, 2, 3, 1)
 
@@ -73,7 +49,7 @@ def _torch_forward(ref, z_t, lr, t, tok, r):
 def pair(request):
   """(randomised torch reference, its state dict, converted params, inferred model kwargs)."""
   torch.manual_seed(0)
-  ref = _randomize(TorchDiT(**SMALL, input_size=2 * GRID, one_step=request.param), seed=1).eval()
+  ref = randomize(TorchDiT(**SMALL, input_size=2 * GRID, one_step=request.param), seed=1)
   sd = ref.state_dict()
   params, kwargs = dit.params_from_torch(sd)
   return ref, sd, params, kwargs
@@ -93,11 +69,11 @@ def test_matches_torch_reference(pair, side):
     want = _torch_forward(ref, *args).numpy()
   outs = {}
   for scan in (True, False):
-    model = _abstract(**kwargs, scan=scan)
-    outs[scan] = np.asarray(_forward_fn(model)(_params(model, pure), *args))
+    model = abstract(dit.LightningDiT, **kwargs, scan=scan)
+    outs[scan] = np.asarray(_forward_fn(model)(param_state(model, pure), *args))
   assert outs[True].shape == want.shape == (3, side, side, 4)
   assert np.std(want) > 0.5  # a live output, so the comparison means something
-  assert np.abs(outs[True] - want).max() <= ATOL_F32
+  assert max_err(outs[True], want) <= ATOL_F32
   np.testing.assert_allclose(outs[False], outs[True], atol=1e-6, rtol=0)  # unrolled == scanned
 
 
@@ -111,10 +87,10 @@ def test_grads_match_torch_with_remat(pair):
   (_torch_forward(ref, *args) * torch.from_numpy(weight)).sum().backward()
   want, _ = dit.params_from_torch({k: p.grad for k, p in ref.named_parameters()})
 
-  model = _abstract(**kwargs, remat_policy="nothing_saveable")
+  model = abstract(dit.LightningDiT, **kwargs, remat_policy="nothing_saveable")
   graphdef, _ = nnx.split(model, nnx.Param)
   loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(*args) * weight)
-  got = jax.jit(jax.grad(loss))(_params(model, pure)).to_pure_dict()
+  got = jax.jit(jax.grad(loss))(param_state(model, pure)).to_pure_dict()
   for path, g in jax.tree_util.tree_leaves_with_path(got):
     w = want
     for key in path:
@@ -129,8 +105,8 @@ def test_bfloat16_compute_tracks_float32(pair):
   args = _inputs(5, 2, (2 * GRID, 2 * GRID), one_step=True)
   with torch.no_grad():
     want = _torch_forward(ref, *args).numpy()
-  model = _abstract(**kwargs, dtype=jnp.bfloat16)
-  params = _params(model, pure)
+  model = abstract(dit.LightningDiT, **kwargs, dtype=jnp.bfloat16)
+  params = param_state(model, pure)
   got = _forward_fn(model)(params, *args)
   assert got.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   rel = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
@@ -165,9 +141,9 @@ def fresh():
 def test_rectangular_latents_run(pair):
   """A 16x24 latent (8x12 tokens) through the converted reference weights."""
   _, _, pure, kwargs = pair
-  model = _abstract(**kwargs)
+  model = abstract(dit.LightningDiT, **kwargs)
   args = _inputs(3, 2, (16, 24), kwargs["one_step"])
-  out = np.asarray(_forward_fn(model)(_params(model, pure), *args))
+  out = np.asarray(_forward_fn(model)(param_state(model, pure), *args))
   assert out.shape == (2, 16, 24, 4) and np.all(np.isfinite(out)) and np.std(out) > 0.5
 
 
@@ -274,9 +250,9 @@ def test_bad_state_dicts_name_the_key(pair):
 
 def test_bad_configs_and_inputs_raise(fresh):
   with pytest.raises(ValueError, match="num_heads"):
-    _abstract(**dict(SMALL, num_heads=5))
+    abstract(dit.LightningDiT, **dict(SMALL, num_heads=5))
   with pytest.raises(ValueError, match="remat_policy"):
-    _abstract(**SMALL, remat_policy="everything")
+    abstract(dit.LightningDiT, **SMALL, remat_policy="everything")
   with pytest.raises(ValueError, match="variant"):
     dit.variant_kwargs("2b")
   _, forward = fresh
@@ -287,6 +263,6 @@ def test_bad_configs_and_inputs_raise(fresh):
     forward(z_t[..., :3], lr[..., :3], t, tok, r)
   with pytest.raises(ValueError, match="tokens"):
     forward(z_t, lr, t, tok[..., :40], r)
-  graphdef, abstract_params = nnx.split(_abstract(**SMALL), nnx.Param)
+  graphdef, abstract_params = nnx.split(abstract(dit.LightningDiT, **SMALL), nnx.Param)
   with pytest.raises(ValueError, match="r_embedder"):
     jax.eval_shape(lambda p: nnx.merge(graphdef, p)(z_t, lr, t, tok, r), abstract_params)

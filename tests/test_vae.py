@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.models.autoencoders.vae import Decoder as TorchDecoder
 from flax import nnx
 
+from torch_utils import abstract, load, max_err, nchw, nhwc, randomize
 from vosr_jax.models import vae
 
 TOL = 1e-5  # max abs error vs diffusers in float32; measured <= 2e-6 on CPU.
@@ -16,52 +17,19 @@ LIGHT_CONFIG = dict(in_channels=4, out_channels=3, block_out_channels=(32, 32, 6
                     layers_per_block=2)
 
 
-def _randomize(module, seed):
-  """Redraws every parameter: norm scales 1 + N(0, 0.2^2), biases and norm shifts N(0, 0.2^2),
-  conv/linear weights N(0, 1/fan_in)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if p.ndim == 1:
-        p.copy_(noise * 0.2 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-      else:
-        p.copy_(noise / np.sqrt(p[0].numel()))
-  return module
-
-
-def _build(cls, params, **kwargs):
-  """The module with `params` loaded, built abstractly (no random init)."""
-  module = nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
-  nnx.update(module, params)
-  return module
-
-
-def _nchw(x):
-  return torch.from_numpy(np.asarray(x, np.float32).transpose(0, 3, 1, 2).copy())
-
-
-def _nhwc(t):
-  return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def _max_err(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
-
-
 @pytest.fixture(scope="module")
 def kl():
-  torch_vae = _randomize(TorchAutoencoderKL(
+  torch_vae = randomize(TorchAutoencoderKL(
       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-      latent_channels=4, **KL_CONFIG), seed=0).eval()
+      latent_channels=4, **KL_CONFIG), seed=0)
   params, kwargs = vae.params_from_diffusers(torch_vae.state_dict(), norm_num_groups=8)
   return torch_vae, params, kwargs
 
 
 @pytest.fixture(scope="module")
 def light():
-  torch_dec = _randomize(TorchDecoder(up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
-                                      **LIGHT_CONFIG), seed=1).eval()
+  torch_dec = randomize(TorchDecoder(up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
+                                      **LIGHT_CONFIG), seed=1)
   checkpoint = {"config": dict(LIGHT_CONFIG), "model_state_dict": torch_dec.state_dict()}
   params, kwargs = vae.light_decoder_params_from_torch(checkpoint)
   return torch_dec, checkpoint, params, kwargs
@@ -74,7 +42,7 @@ def _images(seed=0, size=32):
 def test_params_layout_and_axes(kl):
   _, params, kwargs = kl
   assert kwargs == dict(in_channels=3, out_channels=3, latent_channels=4, **KL_CONFIG)
-  model = nnx.eval_shape(lambda: vae.AutoencoderKL(**kwargs, rngs=nnx.Rngs(0)))
+  model = abstract(vae.AutoencoderKL, **kwargs)
   expected = nnx.state(model, nnx.Param).to_pure_dict()
   assert jax.tree.structure(params) == jax.tree.structure(expected)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, expected)
@@ -86,32 +54,32 @@ def test_params_layout_and_axes(kl):
 
 def test_kl_matches_diffusers(kl):
   torch_vae, params, kwargs = kl
-  model = _build(vae.AutoencoderKL, params, **kwargs)
+  model = load(vae.AutoencoderKL, params, **kwargs)
   x = _images()
   mean, std = jax.jit(lambda x: model.posterior(x))(x)
   z = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
   out = jax.jit(model.decode)(z)
   with torch.no_grad():
-    dist = torch_vae.encode(_nchw(x)).latent_dist
-    ref_out = torch_vae.decode(_nchw(z)).sample
+    dist = torch_vae.encode(nchw(x)).latent_dist
+    ref_out = torch_vae.decode(nchw(z)).sample
   assert mean.shape == (2, 16, 16, 4) and out.shape == (2, 16, 16, 3)
   # The posterior std must not be degenerate for the comparison to mean anything.
   assert 0.1 < float(jnp.mean(std)) < 10
-  assert _max_err(mean, _nhwc(dist.mean)) <= TOL
-  assert _max_err(std, _nhwc(dist.std)) <= TOL
-  assert _max_err(out, _nhwc(ref_out)) <= TOL
+  assert max_err(mean, nhwc(dist.mean)) <= TOL
+  assert max_err(std, nhwc(dist.std)) <= TOL
+  assert max_err(out, nhwc(ref_out)) <= TOL
 
 
 def test_light_decoder_matches_torch(light):
   torch_dec, _, params, kwargs = light
   assert kwargs == dict(norm_num_groups=32, **LIGHT_CONFIG)
-  model = _build(vae.LightDecoder, params, **kwargs)
+  model = load(vae.LightDecoder, params, **kwargs)
   z = np.random.default_rng(2).normal(size=(1, 8, 8, 4)).astype(np.float32)
   out = jax.jit(lambda z: model(z))(z)
   with torch.no_grad():
-    ref = _nhwc(torch_dec(_nchw(z)))
+    ref = nhwc(torch_dec(nchw(z)))
   assert out.shape == (1, 32, 32, 3)
-  assert _max_err(out, ref) <= TOL
+  assert max_err(out, ref) <= TOL
 
 
 def test_sd_autoencoder_interface(kl, light):
@@ -119,7 +87,7 @@ def test_sd_autoencoder_interface(kl, light):
   decode divides by the factor, uses the LightDecoder when given, and clamps to [-1, 1]."""
   torch_vae, params, kwargs = kl
   torch_dec, _, light_params, light_kwargs = light
-  kl_model = _build(vae.AutoencoderKL, params, **kwargs)
+  kl_model = load(vae.AutoencoderKL, params, **kwargs)
   ae = vae.SDAutoencoder(kl_model)
   assert (ae.latent_channels, ae.downsample) == (4, 2)
   graphdef, state = nnx.split(ae)
@@ -129,25 +97,25 @@ def test_sd_autoencoder_interface(kl, light):
   mean, std = jax.jit(lambda x: kl_model.posterior(x))(x)
   noise = jax.random.normal(key, mean.shape, jnp.float32)
   assert latents.dtype == jnp.float32
-  assert _max_err(latents, (mean + std * noise) * vae.SD_SCALING_FACTOR) <= TOL
-  assert _max_err(encode(state, x, jax.random.key(8)), latents) > 1e-3  # the key matters
+  assert max_err(latents, (mean + std * noise) * vae.SD_SCALING_FACTOR) <= TOL
+  assert max_err(encode(state, x, jax.random.key(8)), latents) > 1e-3  # the key matters
 
   z = np.random.default_rng(4).normal(size=(2, 8, 8, 4)).astype(np.float32)
   with torch.no_grad():
-    ref_kl = _nhwc(torch_vae.decode(_nchw(z)).sample.clamp(-1, 1))
-    ref_light = _nhwc(torch_dec(_nchw(z)).clamp(-1, 1))
+    ref_kl = nhwc(torch_vae.decode(nchw(z)).sample.clamp(-1, 1))
+    ref_light = nhwc(torch_dec(nchw(z)).clamp(-1, 1))
   assert np.mean(np.abs(ref_kl) == 1) > 0.01  # the clamp is exercised
   scaled = z * vae.SD_SCALING_FACTOR
-  assert _max_err(jax.jit(ae.decode)(scaled), ref_kl) <= TOL
-  ae_light = vae.SDAutoencoder(kl_model, _build(vae.LightDecoder, light_params, **light_kwargs))
-  assert _max_err(jax.jit(ae_light.decode)(scaled), ref_light) <= TOL
+  assert max_err(jax.jit(ae.decode)(scaled), ref_kl) <= TOL
+  ae_light = vae.SDAutoencoder(kl_model, load(vae.LightDecoder, light_params, **light_kwargs))
+  assert max_err(jax.jit(ae_light.decode)(scaled), ref_light) <= TOL
 
 
 def test_bfloat16_stays_close(kl):
   """bf16 compute (params f32, norms/softmax f32): measured max abs err ~0.02 on O(1) outputs."""
   _, params, kwargs = kl
-  f32 = _build(vae.AutoencoderKL, params, **kwargs)
-  bf16 = _build(vae.AutoencoderKL, params, dtype=jnp.bfloat16, **kwargs)
+  f32 = load(vae.AutoencoderKL, params, **kwargs)
+  bf16 = load(vae.AutoencoderKL, params, dtype=jnp.bfloat16, **kwargs)
   x = _images(5)
   z = np.random.default_rng(6).normal(size=(2, 8, 8, 4)).astype(np.float32)
   mean32, std32 = jax.jit(lambda x: f32.posterior(x))(x)
@@ -155,10 +123,10 @@ def test_bfloat16_stays_close(kl):
   out16 = jax.jit(bf16.decode)(z)
   assert mean16.dtype == jnp.float32 and out16.dtype == jnp.bfloat16
   scale = float(jnp.max(jnp.abs(mean32)))
-  assert _max_err(mean16, mean32) <= 0.05 * scale
-  assert _max_err(std16, std32) <= 0.05 * float(jnp.max(std32))
+  assert max_err(mean16, mean32) <= 0.05 * scale
+  assert max_err(std16, std32) <= 0.05 * float(jnp.max(std32))
   out32 = jax.jit(f32.decode)(z)
-  assert _max_err(out16, out32) <= 0.05 * float(jnp.max(jnp.abs(out32)))
+  assert max_err(out16, out32) <= 0.05 * float(jnp.max(jnp.abs(out32)))
 
 
 def test_pixel_autoencoder_is_identity():
@@ -224,6 +192,6 @@ def test_variant_sizes_match_diffusers(variant):
       ref = TorchDecoder(in_channels=4, out_channels=3,
                          up_block_types=("UpDecoderBlock2D",) * blocks, **kwargs)
   cls = vae.AutoencoderKL if variant == "sd21" else vae.LightDecoder
-  model = nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
+  model = abstract(cls, **kwargs)
   shapes = sorted(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert shapes == sorted(p.numel() for p in ref.parameters())

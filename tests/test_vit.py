@@ -16,6 +16,7 @@ import transformers
 from flax import nnx
 
 import vosr_jax  # noqa: F401  (sets the flax config)
+from torch_utils import abstract, load, max_err, nchw, randomize
 from vosr_jax.models.vit import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, ViT, params_from_torch
 from vosr_jax.models.vit import preprocess
 
@@ -25,39 +26,14 @@ F32_ATOL = 1e-5
 BF16_RTOL = 0.02  # max abs error / max abs value of the f32 tokens (measured 0.5%)
 
 
-def _randomise(model, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if name.endswith(("norm1.weight", "norm2.weight", "layernorm.weight")):
-        p.copy_(1.0 + 0.2 * noise)
-      elif "layer_scale" in name:
-        p.copy_(0.5 + 0.3 * noise)
-      elif name.endswith("weight") and p.ndim >= 2:  # Linear/conv weights: O(1) activations
-        p.copy_(noise / math.prod(p.shape[1:]) ** 0.5)
-      else:
-        p.copy_(0.2 * noise)
-  return model.eval()
-
-
 def _hf_model(registers=0, seed=0):
   common = dict(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS, mlp_ratio=4,
                 image_size=14 * GRID, patch_size=14, layerscale_value=1e-5,
                 attn_implementation="eager")
   if registers:
     config = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
-    return _randomise(transformers.Dinov2WithRegistersModel(config), seed)
-  return _randomise(transformers.Dinov2Model(transformers.Dinov2Config(**common)), seed)
-
-
-def _load(params, kwargs):
-  # eval_shape skips the random init (seconds of eager compilation); the params replace it anyway.
-  model = nnx.eval_shape(lambda: ViT(**kwargs, rngs=nnx.Rngs(0)))
-  state = nnx.state(model, nnx.Param)
-  state.replace_by_pure_dict(params)
-  nnx.update(model, state)
-  return model
+    return randomize(transformers.Dinov2WithRegistersModel(config), seed)
+  return randomize(transformers.Dinov2Model(transformers.Dinov2Config(**common)), seed)
 
 
 def _hf_to_hub_names(sd):
@@ -91,10 +67,6 @@ def _images(side, seed, batch=2):
   return np.random.default_rng(seed).standard_normal((batch, side, side, 3)).astype(np.float32)
 
 
-def _torch_nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
 @pytest.fixture(scope="module")
 def hf():
   model = _hf_model()
@@ -112,7 +84,7 @@ def vit(hf):
   def get(**options):
     key = tuple(sorted(options.items()))
     if key not in cache:
-      cache[key] = _load(params, {**kwargs, **options})
+      cache[key] = load(ViT, params, **{**kwargs, **options})
     return cache[key]
 
   return get
@@ -127,8 +99,7 @@ def test_layout_matches_module_state(hf):
   _, _, params, kwargs = hf
   assert kwargs == dict(patch_size=14, hidden_size=D, depth=DEPTH, num_heads=HEADS, mlp_ratio=4.0,
                         num_register_tokens=0, pretrain_grid=GRID, pos_interpolation="hf")
-  abstract = nnx.eval_shape(lambda: ViT(**kwargs, rngs=nnx.Rngs(0)))
-  expected = nnx.state(abstract, nnx.Param).to_pure_dict()
+  expected = nnx.state(abstract(ViT, **kwargs), nnx.Param).to_pure_dict()
   assert jax.tree.structure(params) == jax.tree.structure(expected)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
     assert got.shape == want.shape and got.dtype == np.float32
@@ -139,14 +110,14 @@ def test_matches_transformers(hf, vit, side, scan):
   model = hf[0]
   x = _images(side, seed=side)
   with torch.no_grad():
-    ref = model(_torch_nchw(x), output_hidden_states=True)
+    ref = model(nchw(x), output_hidden_states=True)
   mid = ref.hidden_states[TAP + 1][:, 1:].numpy()  # hidden_states[0] is the embedding output
   final = ref.last_hidden_state[:, 1:].numpy()
   got_mid = np.asarray(_run(vit(scan_blocks=scan), jnp.asarray(x), tap_layer=TAP))
   got_final = np.asarray(_run(vit(scan_blocks=scan), jnp.asarray(x), final_norm=True))
   assert got_mid.shape == mid.shape == (2, (side // 14) ** 2, D)
-  assert np.abs(got_mid - mid).max() <= F32_ATOL
-  assert np.abs(got_final - final).max() <= F32_ATOL
+  assert max_err(got_mid, mid) <= F32_ATOL
+  assert max_err(got_final, final) <= F32_ATOL
 
 
 def test_hub_naming_round_trip(hf):
@@ -174,7 +145,7 @@ def test_keep_blocks(hf, vit):
   assert cut_kwargs["depth"] == TAP + 1 and cut["blocks"]["qkv"]["kernel"].shape[0] == TAP + 1
   x = jnp.asarray(_images(224, seed=1, batch=1))
   full = _run(vit(), x, tap_layer=TAP)
-  np.testing.assert_array_equal(np.asarray(_run(_load(cut, cut_kwargs), x, tap_layer=TAP)),
+  np.testing.assert_array_equal(np.asarray(_run(load(ViT, cut, **cut_kwargs), x, tap_layer=TAP)),
                                 np.asarray(full))
 
 
@@ -183,7 +154,7 @@ def test_bfloat16_close(vit):
   ref = np.asarray(_run(vit(), x, tap_layer=TAP))
   got = _run(vit(dtype=jnp.bfloat16), x, tap_layer=TAP)
   assert got.dtype == jnp.float32
-  assert np.abs(np.asarray(got) - ref).max() <= BF16_RTOL * np.abs(ref).max()
+  assert max_err(got, ref) <= BF16_RTOL * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -192,7 +163,7 @@ def test_tap_layer_skips_later_blocks(hf, scan):
   poisoned = jax.tree.map(np.copy, params)
   for leaf in jax.tree.leaves(poisoned["blocks"]):
     leaf[TAP + 1:] = np.nan
-  model = _load(poisoned, {**kwargs, "scan_blocks": scan})
+  model = load(ViT, poisoned, **kwargs, scan_blocks=scan)
   x = jnp.asarray(_images(224, seed=3, batch=1))
   assert np.isfinite(np.asarray(_run(model, x, tap_layer=TAP))).all()
   assert np.isnan(np.asarray(_run(model, x, final_norm=True))).all()
@@ -202,10 +173,10 @@ def test_registers_and_antialiased_pos_embed():
   model = _hf_model(registers=2, seed=1)
   params, kwargs = params_from_torch(model.state_dict(), naming="hf", num_heads=HEADS)
   assert kwargs["num_register_tokens"] == 2 and kwargs["pos_interpolation"] == "antialias"
-  reg_vit = _load(params, kwargs)
+  reg_vit = load(ViT, params, **kwargs)
   x = _images(224, seed=4)
   with torch.no_grad():
-    ref = model(_torch_nchw(x), output_hidden_states=True)
+    ref = model(nchw(x), output_hidden_states=True)
   np.testing.assert_allclose(np.asarray(_run(reg_vit, jnp.asarray(x), tap_layer=TAP)),
                              ref.hidden_states[TAP + 1][:, 3:].numpy(), rtol=0, atol=F32_ATOL)
   np.testing.assert_allclose(np.asarray(_run(reg_vit, jnp.asarray(x), final_norm=True)),
@@ -233,7 +204,7 @@ def test_pos_embed_interpolation_vs_torch(hf, vit, mode, grid_hw):
 
 def test_preprocess_vs_torch():
   lr = np.random.default_rng(5).uniform(-1.05, 1.05, (2, 100, 76, 3)).astype(np.float32)
-  raw = (0.5 * _torch_nchw(lr) + 0.5) * 255.0  # the official code's round trip through [0, 255]
+  raw = (0.5 * nchw(lr) + 0.5) * 255.0  # the official code's round trip through [0, 255]
   ref = F.interpolate(raw / 255.0, size=448, mode="bicubic", align_corners=False).clamp(0, 1)
   mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
   ref = (ref - mean) / std
@@ -244,8 +215,8 @@ def test_preprocess_vs_torch():
 
 def test_variants_construct():
   for name, sizes in VARIANTS.items():
-    abstract = nnx.eval_shape(lambda sizes=sizes: ViT(**sizes, rngs=nnx.Rngs(0)))
-    n = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    state = nnx.state(abstract(ViT, **sizes), nnx.Param)
+    n = sum(math.prod(v.shape) for v in jax.tree.leaves(state))
     if name == "B/14":
       assert n == 86_579_712  # dinov2_vitb14's 86,580,480 less the 768-wide mask_token
 

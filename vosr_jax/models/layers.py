@@ -54,6 +54,27 @@ def linear(din, dout, axes, *, dtype, param_dtype=jnp.float32, rngs,
   return nnx.Linear(din, dout, **kw)
 
 
+def conv(cin, cout, kernel_size, axes=(None, None, "conv_in", "conv_out"), *, dtype,
+         param_dtype=jnp.float32, rngs, strides=1, padding="SAME",
+         init=jax.nn.initializers.lecun_normal(), bias_init=jax.nn.initializers.zeros):
+  """A square 2D convolution (NHWC, HWIO kernel) with a bias, both carrying logical axes.
+
+  Args:
+    cin, cout: input and output channels.
+    kernel_size: side of the square kernel.
+    axes: logical names of the 4 kernel axes; the bias takes `axes[-1]`.
+    strides: int stride for both spatial axes.
+    padding: as nnx.Conv ("SAME", "VALID" or explicit ((top, bottom), (left, right)) pairs);
+      "SAME" at stride 1 equals torch's `padding=kernel_size // 2` for odd kernels.
+    init, bias_init: initializers of the kernel and bias (random init only).
+  Returns:
+    nnx.Conv with parameters `kernel` (k, k, cin, cout) and `bias` (cout,); output in `dtype`.
+  """
+  return nnx.Conv(cin, cout, (kernel_size, kernel_size), strides, padding=padding, dtype=dtype,
+                  param_dtype=param_dtype, kernel_init=init_with_axes(init, *axes),
+                  bias_init=init_with_axes(bias_init, axes[-1]), rngs=rngs)
+
+
 class RMSNorm(nnx.Module):
   """Llama-style RMSNorm (last axis): normalise in float32, cast to `dtype`, then * weight."""
 

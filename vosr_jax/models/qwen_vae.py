@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors.flax import load_file
 
-from vosr_jax.models.layers import dot_product_attention, init_with_axes
+from vosr_jax.models.layers import conv, dot_product_attention, init_with_axes
 
 # Code defaults of latents_mean / latents_std (the Wan-2.1 constants); checkpoints override them
 # through their config.json.
@@ -45,19 +45,6 @@ VARIANTS = {
 # The constructor arguments read from a diffusers-style config.json (other entries are ignored).
 CONFIG_KEYS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "dropout",
                "latents_mean", "latents_std")
-
-_kernel_init = nnx.initializers.lecun_normal()
-
-
-def _conv(cin, cout, kernel, *, dtype, param_dtype, rngs, stride=1, padding=None):
-  """A conv with logical axes; `padding` defaults to torch's `kernel // 2` on every side."""
-  pad = kernel // 2 if padding is None else padding
-  return nnx.Conv(
-      cin, cout, (kernel, kernel), strides=stride,
-      padding=pad if isinstance(pad, str) else ((pad, pad), (pad, pad)),
-      kernel_init=init_with_axes(_kernel_init, None, None, "conv_in", "conv_out"),
-      bias_init=init_with_axes(nnx.initializers.zeros, "conv_out"),
-      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class RMSNorm2D(nnx.Module):
@@ -85,10 +72,10 @@ class ResidualBlock2D(nnx.Module):
   def __init__(self, cin, cout, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm1 = RMSNorm2D(cin, **kw)
-    self.conv1 = _conv(cin, cout, 3, rngs=rngs, **kw)
+    self.conv1 = conv(cin, cout, 3, rngs=rngs, **kw)
     self.norm2 = RMSNorm2D(cout, **kw)
-    self.conv2 = _conv(cout, cout, 3, rngs=rngs, **kw)
-    self.conv_shortcut = _conv(cin, cout, 1, rngs=rngs, **kw) if cin != cout else None
+    self.conv2 = conv(cout, cout, 3, rngs=rngs, **kw)
+    self.conv_shortcut = conv(cin, cout, 1, rngs=rngs, **kw) if cin != cout else None
 
   def __call__(self, x):
     """x: (B, H, W, cin) -> (B, H, W, cout)."""
@@ -103,8 +90,8 @@ class AttentionBlock2D(nnx.Module):
   def __init__(self, dim, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm = RMSNorm2D(dim, **kw)
-    self.to_qkv = _conv(dim, 3 * dim, 1, rngs=rngs, **kw)
-    self.proj = _conv(dim, dim, 1, rngs=rngs, **kw)
+    self.to_qkv = conv(dim, 3 * dim, 1, rngs=rngs, **kw)
+    self.proj = conv(dim, dim, 1, rngs=rngs, **kw)
 
   def __call__(self, x):
     """x: (B, H, W, dim) -> same shape (residual added)."""
@@ -127,9 +114,9 @@ class Resample2D(nnx.Module):
     self.mode = mode
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if mode == "down":
-      self.conv = _conv(dim, dim, 3, stride=2, padding="VALID", **kw)
+      self.conv = conv(dim, dim, 3, strides=2, padding="VALID", **kw)
     else:
-      self.conv = _conv(dim, dim // 2, 3, **kw)
+      self.conv = conv(dim, dim // 2, 3, **kw)
 
   def __call__(self, x):
     """x: (B, H, W, dim) -> (B, H/2, W/2, dim) (down) or (B, 2H, 2W, dim/2) (up)."""
@@ -158,7 +145,7 @@ class Encoder(nnx.Module):
   def __init__(self, base_dim, z_dim, dim_mult, num_res_blocks, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     dims = [base_dim * m for m in (1, *dim_mult)]
-    self.conv_in = _conv(3, dims[0], 3, **kw)
+    self.conv_in = conv(3, dims[0], 3, **kw)
     blocks = []
     for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
       for _ in range(num_res_blocks):
@@ -169,7 +156,7 @@ class Encoder(nnx.Module):
     self.down_blocks = nnx.List(blocks)
     self.mid_block = MidBlock(dims[-1], **kw)
     self.norm_out = RMSNorm2D(dims[-1], dtype=dtype, param_dtype=param_dtype)
-    self.conv_out = _conv(dims[-1], 2 * z_dim, 3, **kw)
+    self.conv_out = conv(dims[-1], 2 * z_dim, 3, **kw)
 
   def __call__(self, x):
     x = self.conv_in(x)
@@ -199,7 +186,7 @@ class Decoder(nnx.Module):
   def __init__(self, base_dim, z_dim, dim_mult, num_res_blocks, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     dims = [base_dim * m for m in (dim_mult[-1], *dim_mult[::-1])]
-    self.conv_in = _conv(z_dim, dims[0], 3, **kw)
+    self.conv_in = conv(z_dim, dims[0], 3, **kw)
     self.mid_block = MidBlock(dims[0], **kw)
     blocks = []
     for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
@@ -208,7 +195,7 @@ class Decoder(nnx.Module):
                             upsample=i != len(dim_mult) - 1, **kw))
     self.up_blocks = nnx.List(blocks)
     self.norm_out = RMSNorm2D(dims[-1], dtype=dtype, param_dtype=param_dtype)
-    self.conv_out = _conv(dims[-1], 3, 3, **kw)
+    self.conv_out = conv(dims[-1], 3, 3, **kw)
 
   def __call__(self, z):
     x = self.mid_block(self.conv_in(z))
@@ -248,8 +235,8 @@ class QwenImageVAE(nnx.Module):
         raise ValueError(f"QwenImageVAE: {name} needs z_dim={z_dim} values, got {len(value)}.")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.encoder = Encoder(base_dim, z_dim, tuple(dim_mult), num_res_blocks, **kw)
-    self.quant_conv = _conv(2 * z_dim, 2 * z_dim, 1, **kw)
-    self.post_quant_conv = _conv(z_dim, z_dim, 1, **kw)
+    self.quant_conv = conv(2 * z_dim, 2 * z_dim, 1, **kw)
+    self.post_quant_conv = conv(z_dim, z_dim, 1, **kw)
     self.decoder = Decoder(base_dim, z_dim, tuple(dim_mult), num_res_blocks, **kw)
     self.latents_mean = tuple(float(v) for v in latents_mean)
     self.latents_std = tuple(float(v) for v in latents_std)

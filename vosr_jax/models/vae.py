@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vosr_jax.models.layers import init_with_axes
+from vosr_jax.models.layers import conv, init_with_axes, linear
 
 SD_SCALING_FACTOR = 0.18215  # diffusers config of stabilityai/stable-diffusion-2-1(-base)/vae.
 
@@ -48,21 +48,6 @@ VARIANTS = {
 }
 
 _EPS = 1e-6  # every GroupNorm in the SD VAE and the LightDecoder.
-
-
-def _conv(cin, cout, kernel_size, dtype, rngs, strides=1, padding="SAME"):
-  return nnx.Conv(
-      cin, cout, (kernel_size, kernel_size), strides, padding=padding, dtype=dtype,
-      kernel_init=init_with_axes(nnx.initializers.lecun_normal(), None, None, "conv_in",
-                                 "conv_out"),
-      bias_init=init_with_axes(nnx.initializers.zeros, "conv_out"), rngs=rngs)
-
-
-def _linear(cin, cout, dtype, rngs):
-  return nnx.Linear(
-      cin, cout, dtype=dtype,
-      kernel_init=init_with_axes(nnx.initializers.lecun_normal(), "conv_in", "conv_out"),
-      bias_init=init_with_axes(nnx.initializers.zeros, "conv_out"), rngs=rngs)
 
 
 class GroupNorm(nnx.Module):
@@ -95,10 +80,10 @@ class ResnetBlock2D(nnx.Module):
 
   def __init__(self, cin, cout, num_groups, *, dtype, rngs):
     self.norm1 = GroupNorm(cin, num_groups, dtype=dtype, rngs=rngs)
-    self.conv1 = _conv(cin, cout, 3, dtype, rngs)
+    self.conv1 = conv(cin, cout, 3, dtype=dtype, rngs=rngs)
     self.norm2 = GroupNorm(cout, num_groups, dtype=dtype, rngs=rngs)
-    self.conv2 = _conv(cout, cout, 3, dtype, rngs)
-    self.conv_shortcut = _conv(cin, cout, 1, dtype, rngs) if cin != cout else None
+    self.conv2 = conv(cout, cout, 3, dtype=dtype, rngs=rngs)
+    self.conv_shortcut = conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
 
   def __call__(self, x):
     h = self.conv1(nnx.silu(self.norm1(x)))
@@ -112,10 +97,12 @@ class Attention(nnx.Module):
   def __init__(self, channels, num_groups, *, dtype, rngs):
     self.dtype = dtype
     self.group_norm = GroupNorm(channels, num_groups, dtype=dtype, rngs=rngs)
-    self.to_q = _linear(channels, channels, dtype, rngs)
-    self.to_k = _linear(channels, channels, dtype, rngs)
-    self.to_v = _linear(channels, channels, dtype, rngs)
-    self.to_out = _linear(channels, channels, dtype, rngs)
+    kw = dict(axes=("conv_in", "conv_out"), dtype=dtype, rngs=rngs,
+              init=nnx.initializers.lecun_normal())
+    self.to_q = linear(channels, channels, **kw)
+    self.to_k = linear(channels, channels, **kw)
+    self.to_v = linear(channels, channels, **kw)
+    self.to_out = linear(channels, channels, **kw)
 
   def __call__(self, x):
     """x: (B, H, W, C) -> (B, H, W, C). Logits and softmax in float32, scale C**-0.5."""
@@ -132,7 +119,8 @@ class Downsample(nnx.Module):
   """diffusers Downsample2D(padding=0): zero-pad right and bottom by 1, then conv 3x3 stride 2."""
 
   def __init__(self, channels, *, dtype, rngs):
-    self.conv = _conv(channels, channels, 3, dtype, rngs, strides=2, padding=((0, 1), (0, 1)))
+    self.conv = conv(channels, channels, 3, dtype=dtype, rngs=rngs, strides=2,
+                     padding=((0, 1), (0, 1)))
 
   def __call__(self, x):
     return self.conv(x)
@@ -142,7 +130,7 @@ class Upsample(nnx.Module):
   """diffusers Upsample2D: nearest-neighbour x2, then conv 3x3."""
 
   def __init__(self, channels, *, dtype, rngs):
-    self.conv = _conv(channels, channels, 3, dtype, rngs)
+    self.conv = conv(channels, channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
@@ -185,15 +173,15 @@ class KLEncoder(nnx.Module):
   def __init__(self, in_channels=3, latent_channels=4, block_out_channels=(64,), layers_per_block=2,
                norm_num_groups=32, double_z=True, *, dtype=jnp.float32, rngs):
     chans = tuple(block_out_channels)
-    self.conv_in = _conv(in_channels, chans[0], 3, dtype, rngs)
+    self.conv_in = conv(in_channels, chans[0], 3, dtype=dtype, rngs=rngs)
     self.down_blocks = nnx.List([
         _Blocks(chans[max(i - 1, 0)], c, layers_per_block, norm_num_groups,
                 "down" if i < len(chans) - 1 else None, dtype=dtype, rngs=rngs)
         for i, c in enumerate(chans)])
     self.mid_block = MidBlock(chans[-1], norm_num_groups, dtype=dtype, rngs=rngs)
     self.conv_norm_out = GroupNorm(chans[-1], norm_num_groups, dtype=dtype, rngs=rngs)
-    self.conv_out = _conv(chans[-1], 2 * latent_channels if double_z else latent_channels, 3, dtype,
-                          rngs)
+    self.conv_out = conv(chans[-1], 2 * latent_channels if double_z else latent_channels, 3,
+                         dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     """x: (B, H, W, in_channels) -> (B, H/d, W/d, 2*latent_channels if double_z else latent)."""
@@ -210,14 +198,14 @@ class KLDecoder(nnx.Module):
   def __init__(self, in_channels=4, out_channels=3, block_out_channels=(64,), layers_per_block=2,
                norm_num_groups=32, *, dtype=jnp.float32, rngs):
     rev = tuple(reversed(block_out_channels))
-    self.conv_in = _conv(in_channels, rev[0], 3, dtype, rngs)
+    self.conv_in = conv(in_channels, rev[0], 3, dtype=dtype, rngs=rngs)
     self.mid_block = MidBlock(rev[0], norm_num_groups, dtype=dtype, rngs=rngs)
     self.up_blocks = nnx.List([
         _Blocks(rev[max(i - 1, 0)], c, layers_per_block + 1, norm_num_groups,
                 "up" if i < len(rev) - 1 else None, dtype=dtype, rngs=rngs)
         for i, c in enumerate(rev)])
     self.conv_norm_out = GroupNorm(rev[-1], norm_num_groups, dtype=dtype, rngs=rngs)
-    self.conv_out = _conv(rev[-1], out_channels, 3, dtype, rngs)
+    self.conv_out = conv(rev[-1], out_channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, z):
     """z: (B, h, w, in_channels) -> (B, h*d, w*d, out_channels), not clamped."""
@@ -249,8 +237,8 @@ class AutoencoderKL(nnx.Module):
                dtype=jnp.float32, rngs):
     self.encoder = KLEncoder(in_channels, latent_channels, block_out_channels, layers_per_block,
                              norm_num_groups, dtype=dtype, rngs=rngs)
-    self.quant_conv = _conv(2 * latent_channels, 2 * latent_channels, 1, dtype, rngs)
-    self.post_quant_conv = _conv(latent_channels, latent_channels, 1, dtype, rngs)
+    self.quant_conv = conv(2 * latent_channels, 2 * latent_channels, 1, dtype=dtype, rngs=rngs)
+    self.post_quant_conv = conv(latent_channels, latent_channels, 1, dtype=dtype, rngs=rngs)
     self.decoder = KLDecoder(latent_channels, out_channels, block_out_channels, layers_per_block,
                              norm_num_groups, dtype=dtype, rngs=rngs)
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from vosr_jax.data.resize import interp_matrix, resize
-from vosr_jax.models.layers import dot_product_attention, init_with_axes
+from vosr_jax.models.layers import conv, dot_product_attention, init_with_axes, linear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,13 +53,6 @@ def _ln(features, rngs):
       bias_init=init_with_axes(nnx.initializers.zeros_init(), "norm"), rngs=rngs)
 
 
-def _linear(fin, fout, axes, dtype, rngs):
-  return nnx.Linear(
-      fin, fout, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=init_with_axes(_TRUNC_NORMAL, *axes),
-      bias_init=init_with_axes(nnx.initializers.zeros_init(), axes[1]), rngs=rngs)
-
-
 class Block(nnx.Module):
   """DINOv2 pre-norm block: x + ls1*attn(norm1(x)), then x + ls2*mlp(norm2(x)).
 
@@ -72,13 +65,14 @@ class Block(nnx.Module):
     self.dtype = dtype
     self.attention_impl = attention_impl
     layerscale = init_with_axes(nnx.initializers.constant(layerscale_init), "embed")
+    kw = dict(dtype=dtype, rngs=rngs, init=_TRUNC_NORMAL)
     self.norm1 = _ln(hidden_size, rngs)
-    self.qkv = _linear(hidden_size, 3 * hidden_size, ("embed", "heads"), dtype, rngs)
-    self.proj = _linear(hidden_size, hidden_size, ("heads", "embed"), dtype, rngs)
+    self.qkv = linear(hidden_size, 3 * hidden_size, ("embed", "heads"), **kw)
+    self.proj = linear(hidden_size, hidden_size, ("heads", "embed"), **kw)
     self.ls1 = nnx.Param(layerscale(rngs.params(), (hidden_size,), jnp.float32))
     self.norm2 = _ln(hidden_size, rngs)
-    self.fc1 = _linear(hidden_size, mlp_hidden, ("embed", "mlp"), dtype, rngs)
-    self.fc2 = _linear(mlp_hidden, hidden_size, ("mlp", "embed"), dtype, rngs)
+    self.fc1 = linear(hidden_size, mlp_hidden, ("embed", "mlp"), **kw)
+    self.fc2 = linear(mlp_hidden, hidden_size, ("mlp", "embed"), **kw)
     self.ls2 = nnx.Param(layerscale(rngs.params(), (hidden_size,), jnp.float32))
 
   def __call__(self, x):
@@ -178,11 +172,9 @@ class ViT(nnx.Module):
     self.pos_interpolation = pos_interpolation
     self.scan_blocks = scan_blocks
     self.dtype = dtype
-    self.patch_embed = nnx.Conv(
-        3, hidden_size, (patch_size, patch_size), strides=(patch_size, patch_size),
-        padding="VALID", dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=init_with_axes(_TRUNC_NORMAL, None, None, "conv_in", "embed"),
-        bias_init=init_with_axes(nnx.initializers.zeros_init(), "embed"), rngs=rngs)
+    self.patch_embed = conv(3, hidden_size, patch_size, (None, None, "conv_in", "embed"),
+                            strides=patch_size, padding="VALID", dtype=dtype, rngs=rngs,
+                            init=_TRUNC_NORMAL)
     self.cls_token = nnx.Param(
         init_with_axes(nnx.initializers.normal(1e-6), "embed")(rngs.params(), (hidden_size,)))
     if num_register_tokens:
