@@ -1,0 +1,121 @@
+"""Mesh construction and the mapping from logical parameter axes to mesh axes.
+
+`config.mesh` names the mesh axis sizes (`data`, `fsdp`, `tensor`; -1 on one axis fills the
+remaining devices). Parameters carry logical axis names (`vosr_jax.models.layers`);
+`config.sharding_rules` maps each name to a mesh axis (or None), e.g. ('embed', 'fsdp') shards the
+model width over the FSDP axis, so one config line moves a model from data parallelism to FSDP.
+A dimension that the mapped mesh axes do not divide stays replicated (tiny test models).
+The batch axis is sharded over ('data', 'fsdp') together.
+"""
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, num_devices):
+  """Resolves the axis sizes of `config.mesh` (one -1 fills) for `num_devices` devices.
+
+  Returns:
+    A tuple of sizes in `MESH_AXES` order.
+  Raises:
+    ValueError: naming `config.mesh` when the sizes do not match the device count.
+  """
+  sizes = [int(mesh_config[name]) for name in MESH_AXES]
+  fill = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh={dict(mesh_config)}: sizes must be positive, with at most one "
+                     "-1 (fill the remaining devices)")
+  known = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f"config.mesh={dict(mesh_config)}: the fixed axes ({known} devices) do not "
+                       f"divide the {num_devices} available devices; change config.mesh")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh={dict(mesh_config)} needs {math.prod(sizes)} devices but "
+                     f"{num_devices} are available; change config.mesh (e.g. data=-1)")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None):
+  """A `Mesh` with axes ('data', 'fsdp', 'tensor') over `devices` (default: all devices)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def batch_size_per_step(mesh):
+  """The number of ways the batch axis is split (data x fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_size(global_batch, mesh, key="config.batch_size"):
+  """Raises a ValueError naming `key` unless the batch divides over the mesh and the processes."""
+  ways = batch_size_per_step(mesh)
+  if global_batch % ways or global_batch % jax.process_count():
+    raise ValueError(f"{key}={global_batch} must be divisible by the data-parallel size "
+                     f"data*fsdp={ways} and by the process count {jax.process_count()}")
+
+
+def logical_to_spec(logical_axes, shape, mesh, rules):
+  """PartitionSpec for one array from its logical axis names.
+
+  Args:
+    logical_axes: tuple of logical names (or None) per dimension, or None (replicated).
+    shape: the array shape.
+    mesh: the Mesh.
+    rules: sequence of (logical name, mesh axis name or None).
+  Returns:
+    A PartitionSpec; a dimension stays unsharded when its mesh axis has size 1, is already used by
+    another dimension, or does not divide it.
+  """
+  if logical_axes is None:
+    return P()
+  table = dict(rules)
+  used, spec = set(), []
+  for name, dim in zip(logical_axes, shape):
+    axis = table.get(name) if name is not None else None
+    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+      spec.append(None)
+    else:
+      used.add(axis)
+      spec.append(axis)
+  return P(*spec)
+
+
+def param_shardings(abstract_state, mesh, rules):
+  """NamedShardings (as a pure dict) for an `nnx.State` of parameters with logical-axis metadata."""
+  specs = nnx.get_partition_spec(abstract_state).to_pure_dict()
+  shapes = abstract_state.to_pure_dict()
+  return jax.tree.map(
+      lambda spec, s: NamedSharding(mesh, logical_to_spec(tuple(spec), s.shape, mesh, rules)),
+      specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh):
+  """A fully replicated NamedSharding."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+  """The sharding of batched data: leading axis over ('data', 'fsdp')."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_batch(local_batch, mesh):
+  """Builds global arrays from this process's slice of the batch.
+
+  Args:
+    local_batch: pytree of numpy arrays with a leading per-process batch axis.
+    mesh: the Mesh.
+  Returns:
+    The same pytree of global jax.Arrays sharded with `batch_sharding(mesh)`.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

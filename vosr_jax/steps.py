@@ -1,0 +1,312 @@
+"""Pure train/eval steps and their jit wiring with shardings.
+
+Data flow of one multistep train step (all one compiled program):
+
+  batch {'hq': uint8 (B, R, R, 3)}
+    -> encode_batch: degrade -> LQ; encoder tokens of LQ; autoencoder latents of [LQ, HQ]
+    -> objectives.targets_multistep -> denoiser -> velocity loss
+    -> grads -> optax (clip, AdamW, schedule) -> EMA
+
+Frozen networks (encoder, autoencoder) are arguments of the step (`frozen` = {'encoder': params,
+'autoencoder': params}), never closed-over constants; their graph definitions are static.
+Every random draw comes from `jax.random.fold_in(state.rng, state.step)`, split once per purpose.
+"""
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from vosr_jax import objectives, sharding
+from vosr_jax.data import degradation
+from vosr_jax.models import vit as vit_lib
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training; a pytree that Orbax saves as is.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: denoiser parameters (nested dict of float32 arrays).
+    opt_state: optax state for `params`.
+    ema_params: exponential moving average of `params`.
+    rng: uint32 (2,) raw PRNG key of the run; per-step keys are folded from it with `step`.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Graphs:
+  """Static graph definitions of the networks (`nnx.split`), bound into the jitted steps."""
+  denoiser: Any
+  encoder: Any
+  autoencoder: Any
+
+
+def make_optimizer(optim_config):
+  """AdamW with global-norm clipping and a linear warm-up to a constant learning rate.
+
+  Args:
+    optim_config: `config.optim` (`lr`, `b1`, `b2`, `eps`, `weight_decay`, `grad_clip_norm`,
+      `warmup_steps`). Weight decay applies to every parameter, as in the official code.
+  Returns:
+    (tx, schedule): the optax transformation and the step -> learning-rate function.
+  """
+  schedule = optax.warmup_constant_schedule(0.0, optim_config.lr, optim_config.warmup_steps) \
+      if optim_config.warmup_steps else optax.constant_schedule(optim_config.lr)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim_config.grad_clip_norm),
+      optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                  weight_decay=optim_config.weight_decay))
+  return tx, schedule
+
+
+def apply_denoiser(graphdef, params, inputs):
+  """Calls the denoiser held as (graphdef, params) with the keyword `inputs` of an objective."""
+  return nnx.merge(graphdef, params, copy=True)(**inputs)
+
+
+def degrade_batch(key, hq_uint8, degradation_config):
+  """HQ uint8 (B, R, R, 3) -> (lq, hq), both float32 in [-1, 1]; lq is degraded and resized back."""
+  hq = hq_uint8.astype(jnp.float32) / 255.0
+  lq = degradation.degrade(key, hq, degradation_config)
+  return lq * 2.0 - 1.0, hq * 2.0 - 1.0
+
+
+def encode_images(graphs, frozen, key, lq, hq, config):
+  """Encoder tokens of `lq` and autoencoder latents of `lq` (and `hq` when given).
+
+  Args:
+    graphs: `Graphs`.
+    frozen: {'encoder': params, 'autoencoder': params}.
+    key: PRNG key of the posterior sample.
+    lq, hq: (B, H, W, 3) in [-1, 1]; hq may be None (sampling).
+    config: the run config (`encoder.image_size`, `encoder.tap_layer`).
+  Returns:
+    dict(tokens (B, N, D), lr_latent, and hr_latent when hq is given), gradient-stopped.
+  """
+  encoder = nnx.merge(graphs.encoder, frozen["encoder"])
+  tokens = encoder(vit_lib.preprocess(lq, config.encoder.image_size),
+                   tap_layer=config.encoder.tap_layer)
+  autoencoder = nnx.merge(graphs.autoencoder, frozen["autoencoder"])
+  images = lq if hq is None else jnp.concatenate([lq, hq], axis=0)
+  latents = autoencoder.encode(images, key)
+  out = dict(tokens=tokens, lr_latent=latents[:lq.shape[0]])
+  if hq is not None:
+    out["hr_latent"] = latents[lq.shape[0]:]
+  return jax.lax.stop_gradient(out)
+
+
+def encode_batch(graphs, frozen, batch, key, config):
+  """The front half of every train step: degrade -> tokens -> latents of [LR, HR].
+
+  Args:
+    graphs, frozen: as in `encode_images`.
+    batch: {'hq': uint8 (B, R, R, 3)}.
+    key: PRNG key (split into degradation and posterior keys).
+    config: the run config.
+  Returns:
+    dict(tokens, lr_latent, hr_latent), the `latents` argument of the objectives.
+  """
+  k_degrade, k_posterior = jax.random.split(key)
+  lq, hq = degrade_batch(k_degrade, batch["hq"], config.degradation)
+  return encode_images(graphs, frozen, k_posterior, lq, hq, config)
+
+
+def _loss_fn(params, graphs, latents, key, config):
+  inputs, target, info = objectives.targets_multistep(key, config.objective, latents)
+  prediction = apply_denoiser(graphs.denoiser, params, inputs)
+  return objectives.velocity_loss(prediction, target), info
+
+
+def _grads(params, graphs, frozen, batch, key, config):
+  """(loss, info, grads) averaged over `config.grad_accum_steps` micro-batches."""
+  k_front, k_objective = jax.random.split(key)
+  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+
+  def micro(mb, i):
+    latents = encode_batch(graphs, frozen, mb, jax.random.fold_in(k_front, i), config)
+    (loss, info), grads = grad_fn(params, graphs, latents, jax.random.fold_in(k_objective, i),
+                                  config)
+    return loss, info, grads
+
+  steps = config.grad_accum_steps
+  if steps == 1:
+    return micro(batch, 0)
+
+  # Micro-batch i takes rows i, i + A, i + 2A, ...: each device keeps its own rows (no transfer).
+  def split(x):
+    return jnp.moveaxis(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 1, 0)
+
+  def body(acc, xs):
+    out = micro(xs[0], xs[1])
+    return jax.tree.map(jnp.add, acc, out), None
+
+  first = jax.eval_shape(micro, batch, 0)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+  total, _ = jax.lax.scan(body, zeros, (jax.tree.map(split, batch), jnp.arange(steps)))
+  return jax.tree.map(lambda x: x / steps, total)
+
+
+def train_step(state, frozen, batch, *, graphs, config, tx, schedule):
+  """One optimizer step of multistep flow matching.
+
+  Args:
+    state: `TrainState`.
+    frozen: {'encoder': params, 'autoencoder': params}.
+    batch: {'hq': uint8 (B, R, R, 3)}, the global batch.
+    graphs, config, tx, schedule: static (bound by `jit_train_step`).
+  Returns:
+    (new state, metrics): metrics is a flat dict of float32 scalars (`train/loss`,
+    `train/grad_norm`, `train/param_norm`, `train/update_norm`, `train/lr`, `train/weak_fraction`,
+    `train/weak_strength`, `train/t_mean`).
+  """
+  key = jax.random.fold_in(state.rng, state.step)
+  loss, info, grads = _grads(state.params, graphs, frozen, batch, key, config)
+  return apply_gradients(state, loss, info, grads, config=config, tx=tx, schedule=schedule)
+
+
+def denoiser_step(state, latents, *, graphs, config, tx, schedule):
+  """`train_step` from given `latents` (no degradation, no frozen networks, no accumulation).
+
+  Times the denoiser alone (forward, backward, clipped AdamW, EMA) in `vosr_jax.bench`.
+
+  Args:
+    state: `TrainState`.
+    latents: dict(tokens, lr_latent, hr_latent), as `encode_batch` returns.
+    graphs, config, tx, schedule: static, as in `train_step`.
+  Returns:
+    (new state, metrics) as `train_step`.
+  """
+  key = jax.random.fold_in(state.rng, state.step)
+  (loss, info), grads = jax.value_and_grad(_loss_fn, has_aux=True)(state.params, graphs, latents,
+                                                                   key, config)
+  return apply_gradients(state, loss, info, grads, config=config, tx=tx, schedule=schedule)
+
+
+def apply_gradients(state, loss, info, grads, *, config, tx, schedule):
+  """The back half of a train step: optax update, EMA, step + 1 and the metrics of `train_step`."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = config.ema_decay
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+             "train/param_norm": optax.global_norm(params),
+             "train/update_norm": optax.global_norm(updates),
+             "train/lr": jnp.asarray(schedule(state.step), jnp.float32)}
+  metrics.update({f"train/{k}": v for k, v in info.items()})
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema_params)
+  return new_state, metrics
+
+
+def guided_euler(graphdef, params, lr_latent, tokens, noise, *, num_steps, cfg_scale,
+                 weak_strength):
+  """Multistep guided Euler sampler (VOSR_SPEC.md §6.3) from t = 1 to 0 on a linear grid.
+
+  Args:
+    graphdef, params: the denoiser.
+    lr_latent: (B, H, W, C) clean LR latent; tokens: (B, N, D) encoder tokens.
+    noise: (B, H, W, C) the starting point z_1.
+    num_steps: Euler steps N (2N network evaluations, conditional and weak batched together).
+    cfg_scale: s in v = v_weak + s (v_cond - v_weak).
+    weak_strength: w of the weak condition w * lr_latent (zero tokens).
+  Returns:
+    (B, H, W, C) float32 sample z_0.
+  """
+  model = nnx.merge(graphdef, params, copy=True)
+  times = jnp.linspace(1.0, 0.0, num_steps + 1)
+  batch = lr_latent.shape[0]
+  lr_both = jnp.concatenate([lr_latent, weak_strength * lr_latent], axis=0)
+  tokens_both = jnp.concatenate([tokens, jnp.zeros_like(tokens)], axis=0)
+
+  def body(k, z):
+    t = jnp.full((2 * batch,), times[k])
+    v = model(z_t=jnp.concatenate([z, z], axis=0), lr_latent=lr_both, t=t, tokens=tokens_both)
+    v_cond, v_weak = v[:batch], v[batch:]
+    return z - (times[k] - times[k + 1]) * (v_weak + cfg_scale * (v_cond - v_weak))
+
+  return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
+
+
+def sample_step(ema_params, frozen, lq, key, *, graphs, config):
+  """Super-resolves `lq` (B, H, W, 3) in [-1, 1] with the EMA denoiser -> images in [-1, 1]."""
+  k_posterior, k_noise = jax.random.split(key)
+  latents = encode_images(graphs, frozen, k_posterior, lq, None, config)
+  noise = jax.random.normal(k_noise, latents["lr_latent"].shape, jnp.float32)
+  z = guided_euler(graphs.denoiser, ema_params, latents["lr_latent"], latents["tokens"], noise,
+                   num_steps=config.eval.num_steps, cfg_scale=config.eval.cfg_scale,
+                   weak_strength=config.eval.weak_strength)
+  autoencoder = nnx.merge(graphs.autoencoder, frozen["autoencoder"])
+  return autoencoder.decode(z)
+
+
+def state_shardings(abstract_state, param_shardings, mesh, tx):
+  """Shardings of a `TrainState`: params and EMA as `param_shardings`, optimizer moments likewise,
+  scalars (step, counts) and the key replicated."""
+  rep = sharding.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                              transform_non_params=lambda _: rep,
+                              is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  return TrainState(step=rep, params=param_shardings, opt_state=opt, ema_params=param_shardings,
+                    rng=rep)
+
+
+def create_train_state(make_denoiser, config, mesh, tx, initial_params=None):
+  """Initialises the train state directly sharded on `mesh` (no host copy of the parameters).
+
+  Args:
+    make_denoiser: rngs -> denoiser module (see `vosr_jax.models.build_denoiser`).
+    config: the run config (`seed`, `sharding_rules`).
+    mesh: the Mesh.
+    tx: the optax transformation.
+    initial_params: optional pretrained parameters (pure dict, already sharded); None initialises
+      randomly from `config.seed`. The EMA starts as a copy of the initial parameters.
+  Returns:
+    (graphdef, state, shardings): the denoiser graph, the `TrainState`, its shardings.
+  """
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: make_denoiser(nnx.Rngs(0))),
+                                        nnx.Param)
+  param_sh = sharding.param_shardings(abstract_params, mesh, config.sharding_rules)
+
+  def init(rng, params):
+    if params is None:
+      params = nnx.state(make_denoiser(nnx.Rngs(params=jax.random.fold_in(rng, 0))),
+                         nnx.Param).to_pure_dict()
+    # A separate buffer for the EMA: both are donated to the step.
+    ema = jax.tree.map(lambda p: p + 0.0, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=ema, rng=rng)
+
+  rng = jax.random.PRNGKey(config.seed)
+  shardings = state_shardings(jax.eval_shape(init, rng, initial_params), param_sh, mesh, tx)
+  state = jax.jit(init, out_shardings=shardings)(rng, initial_params)
+  return graphdef, state, shardings
+
+
+def jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh):
+  """`train_step` jitted with in/out shardings and the state donated.
+
+  Returns:
+    f(state, frozen, batch) -> (state, metrics); lower/compile it ahead of time with
+    `f.lower(...).compile()` to time compilation separately.
+  """
+  fn = functools.partial(train_step, graphs=graphs, config=config, tx=tx, schedule=schedule)
+  return jax.jit(fn, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def jit_sample_step(config, graphs, param_sh, frozen_sh, mesh):
+  """`sample_step` jitted: f(ema_params, frozen, lq, key) -> images (B, H, W, 3) in [-1, 1]."""
+  fn = functools.partial(sample_step, graphs=graphs, config=config)
+  # The validation set is small and need not divide over the mesh: keep it replicated.
+  rep = sharding.replicated(mesh)
+  return jax.jit(fn, in_shardings=(param_sh, frozen_sh, rep, rep), out_shardings=rep)

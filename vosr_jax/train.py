@@ -1,0 +1,279 @@
+"""The outer training loop: mesh, data, state, checkpoints, logging, validation, preemption.
+
+`run(config, workdir)` is what `python -m vosr_jax.main` calls. Order of work:
+  1. checks that need no compute: config values, workdir, mesh vs devices, batch vs mesh, the saved
+     config of an existing checkpoint, the frozen-weight paths;
+  2. frozen networks (loaded sharded), the train state (created sharded), the data iterator;
+  3. restore of the latest checkpoint (state and iterator) if there is one;
+  4. the step, compiled ahead of time (compile time logged apart from throughput);
+  5. the loop: steps, metrics every `log_every_steps`, validation samples every
+     `eval.every_steps`, checkpoints every `checkpoint.every_steps` and at the end.
+A non-finite loss stops the run with the step number before anything is saved. SIGTERM
+(preemption) saves a checkpoint of the current step and returns normally (exit status 0).
+"""
+import functools
+import os
+import signal
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from vosr_jax import checkpoint, logging_utils, metrics, models, sharding, steps
+from vosr_jax.data import pipeline
+
+
+class _StopSignal:
+  """Records SIGTERM; the loop polls it between steps (a handler must not touch JAX)."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.received = True
+
+  def poll(self):
+    """True on every process once any process received SIGTERM."""
+    if jax.process_count() == 1:
+      return self.received
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.received))))
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_config(config):
+  """Value checks that need neither devices nor files; errors name the config key."""
+  models.compute_dtype(config.dtype)
+  if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must be >= 1 and divide "
+                     f"config.batch_size={config.batch_size}")
+  if config.model.init not in models.INITS:
+    raise ValueError(f"config.model.init={config.model.init!r} must be one of {models.INITS}")
+  if not 0.0 <= config.objective.cfg_ratio <= 1.0:
+    raise ValueError(f"config.objective.cfg_ratio={config.objective.cfg_ratio} is not in [0, 1]")
+  if config.data.sources is None:
+    raise ValueError("config.data.sources is not set: pass --config.data.sources=LIST_OR_FOLDER")
+
+
+def check_workdir(workdir):
+  """Creates `workdir` and checks that it is writable (a clear error instead of a late failure)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise PermissionError(f"--workdir={workdir} is not writable ({e}); choose another folder.") \
+        from e
+
+
+def _per_device_flops(compiled):
+  """FLOPs of one call of a compiled program per device, from XLA's cost analysis (or None)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _host(x):
+  """The host value of a replicated global array (every process holds all of it)."""
+  return np.asarray(x.addressable_data(0))
+
+
+def _to_uint8(images):
+  """[-1, 1] float images -> uint8, rounded (the official code truncates)."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+class Validator:
+  """A fixed validation set (first crops of the data sources with `config.eval.seed`, degraded
+  with that seed) super-resolved with the EMA model; writes LR | SR | HR rows and PSNR/SSIM."""
+
+  def __init__(self, config, graphs, param_sh, frozen_sh, mesh):
+    self.config = config
+    data_config = config.data.copy_and_resolve_references()
+    data_config.num_workers = 0
+    data_config.seed = config.eval.seed
+    hq = next(pipeline.make_train_iterator(data_config, config.eval.num_images, process_index=0,
+                                           process_count=1))["hq"]
+    rep = sharding.replicated(mesh)
+    degrade = jax.jit(functools.partial(steps.degrade_batch, degradation_config=config.degradation),
+                      out_shardings=rep)
+    self.key = jax.random.PRNGKey(config.eval.seed)
+    lq, _ = degrade(self.key, jax.make_array_from_process_local_data(rep, hq))
+    self.lq, self.hq = lq, np.asarray(hq)
+    self.lq_uint8 = _to_uint8(_host(lq))
+    self.sample = steps.jit_sample_step(config, graphs, param_sh, frozen_sh, mesh)
+
+  def __call__(self, step, ema_params, frozen, writer):
+    """Samples, then logs `eval/psnr`, `eval/ssim` (Y channel) and the comparison image."""
+    sr = self.sample(ema_params, frozen, self.lq, self.key)
+    sr = _to_uint8(_host(sr))
+    border = self.config.eval.crop_border
+    psnrs = [metrics.psnr(s, h, border, y_channel=True) for s, h in zip(sr, self.hq)]
+    ssims = [metrics.ssim(s, h, border, y_channel=True) for s, h in zip(sr, self.hq)]
+    writer.write_scalars(step, {"eval/psnr": np.mean(psnrs), "eval/ssim": np.mean(ssims)})
+    rows = [np.concatenate([lq, s, h], axis=1) for lq, s, h in zip(self.lq_uint8, sr, self.hq)]
+    writer.write_image(step, "eval_lr_sr_hr", np.concatenate(rows, axis=0))
+
+
+def _frozen_networks(config, mesh, dtype):
+  """Frozen encoder and autoencoder, loaded onto `mesh`: (graphdefs, params, shardings)."""
+  def shard(abstract):
+    return sharding.param_shardings(abstract, mesh, config.sharding_rules)
+
+  enc_graph, enc_params = models.build_encoder(config.encoder, dtype, shard)
+  ae_graph, ae_params = models.build_autoencoder(config.autoencoder, shard)
+  frozen = {"encoder": enc_params, "autoencoder": ae_params}
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  return enc_graph, ae_graph, frozen, frozen_sh
+
+
+def _pretrained_denoiser(config, make_denoiser, mesh):
+  """Loads `config.model.path` onto the parameter shardings, or None for init='random'."""
+  if config.model.init == "random":
+    return None
+  abstract = nnx.split(nnx.eval_shape(lambda: make_denoiser(nnx.Rngs(0))), nnx.Param)[1]
+  param_sh = sharding.param_shardings(abstract, mesh, config.sharding_rules)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract.to_pure_dict(), param_sh)
+  path = config.model.path
+  if not path or not os.path.isdir(os.path.join(path, "params")):
+    raise FileNotFoundError(f"config.model.path={path!r}: no converted denoiser checkpoint there "
+                            "(config.model.init='checkpoint'). Convert the weights with "
+                            "`python -m vosr_jax.convert` or set config.model.init='random'.")
+  return checkpoint.load_params(path, target)[0]
+
+
+def run(config, workdir):
+  """Trains `config` in `workdir` until `config.total_steps` or SIGTERM.
+
+  Returns:
+    The final `TrainState`.
+  Raises:
+    FloatingPointError: when the loss becomes NaN/Inf (nothing is saved for that step).
+  """
+  # From here on SIGTERM only sets a flag; the loop saves and returns after the current step.
+  stop = _StopSignal()
+  try:
+    return _run(config, workdir, stop)
+  finally:
+    stop.restore()
+
+
+def _run(config, workdir, stop):
+  """`run` once SIGTERM is redirected to `stop`."""
+  jax.config.update("jax_threefry_partitionable", True)
+  check_config(config)
+  check_workdir(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  per_device = config.batch_size // sharding.batch_size_per_step(mesh)
+  if per_device % config.grad_accum_steps:
+    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must divide the "
+                     f"per-device batch {per_device} (config.batch_size={config.batch_size} over "
+                     f"{sharding.batch_size_per_step(mesh)} data-parallel devices)")
+  ckpt = checkpoint.TrainCheckpointer(workdir, config)
+  dtype = models.compute_dtype(config.dtype)
+  logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  def make_denoiser(rngs):
+    return models.build_denoiser(config.model, rngs, dtype)
+
+  initial_params = _pretrained_denoiser(config, make_denoiser, mesh)
+  enc_graph, ae_graph, frozen, frozen_sh = _frozen_networks(config, mesh, dtype)
+  tx, schedule = steps.make_optimizer(config.optim)
+  graphdef, state, state_sh = steps.create_train_state(make_denoiser, config, mesh, tx,
+                                                       initial_params)
+  graphs = steps.Graphs(denoiser=graphdef, encoder=enc_graph, autoencoder=ae_graph)
+  data_iter = pipeline.make_train_iterator(config.data, config.batch_size // jax.process_count())
+
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    state = ckpt.restore(start, abstract, data_iter)
+    logging.info("Resumed from the checkpoint of step %d in %s.", start, ckpt.directory)
+  step = int(state.step)
+
+  writer = logging_utils.MetricWriter(workdir)
+  validator = Validator(config, graphs, state_sh.ema_params, frozen_sh, mesh) \
+      if config.eval.every_steps else None
+  train_step = steps.jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh)
+  batch = sharding.shard_batch(next(data_iter), mesh)
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, frozen, batch).compile()
+  flops = _per_device_flops(compiled)
+  writer.write_scalars(step, {"perf/compile_seconds": time.perf_counter() - t0})
+
+  progress = tqdm(total=config.total_steps, initial=step, disable=jax.process_index() != 0,
+                  desc="train", dynamic_ncols=True)
+  history, timed_steps, timer, pending = [], 0, time.perf_counter(), None
+  try:
+    while step < config.total_steps:
+      if batch is None:
+        batch = sharding.shard_batch(next(data_iter), mesh)
+      state, step_metrics = compiled(state, frozen, batch)
+      # The next batch is drawn at the top of the next iteration, after any checkpoint: the saved
+      # iterator position is then exactly that of the saved step (bit-exact resume).
+      batch = None
+      step += 1
+      # Check the previous step's loss while this one runs (one step of lag keeps the queue full).
+      if pending is not None:
+        history.append(_checked(pending, step - 1))
+      pending = step_metrics
+      progress.update(1)
+      timed_steps += 1
+      due_log = step % config.log_every_steps == 0
+      due_eval = validator is not None and step % config.eval.every_steps == 0
+      due_ckpt = step % config.checkpoint.every_steps == 0 or step == config.total_steps
+      preempted = stop.poll()
+      if not (due_log or due_eval or due_ckpt or preempted):
+        continue
+      history.append(_checked(pending, step))
+      pending = None
+      if due_log:
+        elapsed = time.perf_counter() - timer
+        scalars = {k: np.mean([h[k] for h in history]) for k in history[0]}
+        scalars["perf/img_per_sec"] = timed_steps * config.batch_size / elapsed
+        scalars["perf/img_per_sec_per_device"] = scalars["perf/img_per_sec"] / jax.device_count()
+        scalars["perf/step_seconds"] = elapsed / timed_steps
+        if flops is not None:
+          scalars["perf/tflops_per_sec_per_device"] = flops * timed_steps / elapsed / 1e12
+        writer.write_scalars(step, scalars)
+        history = []
+      if due_eval:
+        validator(step, state.ema_params, frozen, writer)
+      if due_ckpt or preempted:
+        ckpt.save(step, state, data_iter)
+      if preempted:
+        ckpt.wait()
+        logging.warning("Stopped by SIGTERM after step %d; checkpoint saved.", step)
+        break
+      if due_log or due_eval or due_ckpt:
+        timed_steps, timer = 0, time.perf_counter()
+    ckpt.wait()
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+  return state
+
+
+def _checked(step_metrics, step):
+  """Fetches a step's metrics to the host; raises FloatingPointError on a non-finite loss."""
+  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  if not np.isfinite(values["train/loss"]):
+    raise FloatingPointError(
+        f"Non-finite loss {values['train/loss']} at step {step} (grad norm "
+        f"{values['train/grad_norm']}); stopping without saving. The last checkpoint is intact.")
+  return values
