@@ -1,0 +1,277 @@
+r"""Super-resolves images with a trained or converted VOSR model.
+
+  python -m vosr_jax.sample --checkpoint=/weights/vosr_0.5b_ms --input=lr/ --output=sr/
+  python -m vosr_jax.sample --checkpoint=/ckpt/run1 --input=photo.jpg --output=sr/ \
+      --tile-size=512 --cfg-scale=-0.5
+
+Each input gives `<output>/<input stem>.png` (8-bit, rounded; RGBA when the input has alpha).
+Per-image noise comes from `--seed` and the file name, so a result does not depend on the other
+files. Inputs that cannot be processed are reported and written nowhere; the exit status is then 1.
+See README, "Sampling", for the presets and the bad-input table.
+"""
+import argparse
+import collections
+import os
+import sys
+import time
+
+import cv2
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from vosr_jax import color_fix, inference, sampling
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg")}
+MULTISTEP_STEPS, ONESTEP_STEPS = 25, 1
+
+
+Item = collections.namedtuple("Item", "name path out")  # input name, input file, output file
+
+
+class InputError(Exception):
+  """An input image that cannot be processed (reported, the others go on)."""
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m vosr_jax.sample", description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", required=True,
+                 help="training workdir, converted release folder, or converted denoiser")
+  p.add_argument("--encoder", help="converted encoder folder (overrides the checkpoint's)")
+  p.add_argument("--autoencoder", help="converted autoencoder folder (overrides the checkpoint's)")
+  p.add_argument("--input", required=True, help="an image or a folder of images")
+  p.add_argument("--output", required=True, help="output folder (created if needed)")
+  p.add_argument("--upscale", type=int, default=4, help="scale factor (default 4)")
+  p.add_argument("--steps", type=int, help=f"Euler steps (default {MULTISTEP_STEPS} multi-step, "
+                 f"{ONESTEP_STEPS} one-step)")
+  p.add_argument("--cfg-scale", type=float, default=0.5,
+                 help="restoration guidance scale, multi-step only (default 0.5; paper presets: "
+                 "-0.5 RealSR, 0.5 ScreenSR)")
+  p.add_argument("--weak-strength", type=float, default=0.15,
+                 help="w of the weak anchor w * LR latent, multi-step only (default 0.15)")
+  p.add_argument("--tile-size", type=int, default=0,
+                 help="denoiser tile side in output pixels (0: whole image; 512 recommended)")
+  p.add_argument("--tile-overlap", type=int, default=64,
+                 help="tile overlap in output pixels (at least tile/8 is used)")
+  p.add_argument("--vae-tile-size", type=int, default=1024,
+                 help="autoencoder tile side in pixels for larger images (0: never tile)")
+  p.add_argument("--vae-tile-overlap", type=int, default=64, help="autoencoder tile overlap")
+  p.add_argument("--max-pixels", type=int, default=2048 * 2048,
+                 help="largest output (pixels) denoised without --tile-size")
+  p.add_argument("--color-fix", choices=color_fix.METHODS, default="adain")
+  p.add_argument("--seed", type=int, default=42)
+  p.add_argument("--batch-size", type=int, default=1, help="images of the same size per call")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--format", choices=sorted(FORMATS), default="png")
+  p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  args = p.parse_args(argv)
+  for name in ("upscale", "batch_size", "max_pixels"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be at least 1")
+  if args.steps is not None and args.steps < 1:
+    p.error("--steps must be at least 1")
+  return args
+
+
+def list_inputs(path):
+  """[(name, file)] sorted by name: the file itself, or the image files of a folder.
+
+  Raises:
+    FileNotFoundError / ValueError: no such path, or a folder without images.
+  """
+  if os.path.isfile(path):
+    return [(os.path.basename(path), path)]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--input {path}: no such file or folder")
+  names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))
+                 and n.lower().endswith(IMAGE_EXTENSIONS))
+  if not names:
+    raise ValueError(f"--input {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+  return [(n, os.path.join(path, n)) for n in names]
+
+
+def _png_bit_depth(path):
+  with open(path, "rb") as f:
+    head = f.read(25)
+  return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25 else 8
+
+
+def read_image(path):
+  """Decodes an image into float32 RGB and optional alpha, both in [0, 1].
+
+  Grayscale is replicated to RGB; palette and CMYK are converted; EXIF orientation is applied;
+  16-bit PNGs keep their 16 bits.
+
+  Returns:
+    (rgb (H, W, 3), alpha (H, W) or None).
+  Raises:
+    InputError: unreadable or not an image.
+  """
+  try:
+    if _png_bit_depth(path) == 16:
+      raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+      if raw is None:
+        raise InputError(f"{path}: cannot decode this 16-bit PNG")
+      x = raw.astype(np.float32) / 65535.0
+      if x.ndim == 2:
+        return np.repeat(x[..., None], 3, axis=2), None
+      rgb = x[..., 2::-1] if x.shape[2] >= 3 else np.repeat(x[..., :1], 3, axis=2)
+      return np.ascontiguousarray(rgb), x[..., 3] if x.shape[2] == 4 else None
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)
+      has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+      im = im.convert("RGBA" if has_alpha else "RGB")
+      x = np.asarray(im, np.float32) / 255.0
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise InputError(f"{path}: not a readable image ({e})") from e
+  return (x[..., :3], x[..., 3]) if has_alpha else (x, None)
+
+
+def upscale(x, size):
+  """PIL BICUBIC resize of a float (H, W[, C]) array to `size` (W, H), channel by channel."""
+  channels = x[..., None] if x.ndim == 2 else x
+  out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(channels[..., c]), "F")
+                             .resize(size, Image.BICUBIC)) for c in range(channels.shape[2])], -1)
+  return out[..., 0] if x.ndim == 2 else out
+
+
+def write_image(path, rgb, alpha, pil_format):
+  """Writes uint8 `rgb` (H, W, 3) [+ `alpha` (H, W)] atomically (temporary file, then rename)."""
+  image = Image.fromarray(rgb)
+  if alpha is not None and pil_format == "PNG":
+    image.putalpha(Image.fromarray(alpha))
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+  try:
+    image.save(tmp, format=pil_format)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _plan(args):
+  """The work list: inputs whose output is to be written, plus the skipped names."""
+  inputs = list_inputs(args.input)
+  ext = FORMATS[args.format][1]
+  outs = {}
+  for name, path in inputs:
+    out = os.path.join(args.output, os.path.splitext(name)[0] + ext)
+    if out in outs:
+      raise ValueError(f"--input {args.input}: {outs[out]} and {name} would both be written to "
+                       f"{out}; rename one")
+    outs[out] = name
+  todo, skipped = [], []
+  for name, path in inputs:
+    out = os.path.join(args.output, os.path.splitext(name)[0] + ext)
+    (skipped if os.path.exists(out) and not args.overwrite else todo).append(Item(name, path, out))
+  return todo, skipped
+
+
+class Sampler:
+  """Runs batches of same-size images through the pipeline and writes the outputs."""
+
+  def __init__(self, pipeline, settings, args):
+    self.pipeline, self.settings, self.args = pipeline, settings, args
+    self.fn = pipeline.jit(settings)
+
+  def load(self, item):
+    """(upscaled rgb in [-1, 1], upscaled alpha uint8 or None) of an item, checked against the
+    pixel limit. Raises InputError."""
+    rgb, alpha = read_image(item.path)
+    size = (rgb.shape[1] * self.args.upscale, rgb.shape[0] * self.args.upscale)
+    if size[0] * size[1] > self.args.max_pixels and not self.args.tile_size:
+      raise InputError(f"{item.path}: the {size[0]}x{size[1]} output exceeds --max-pixels="
+                       f"{self.args.max_pixels} for untiled sampling; pass --tile-size=512 (or "
+                       "raise --max-pixels if the accelerator memory allows)")
+    up = np.clip(upscale(rgb, size), 0.0, 1.0) * 2.0 - 1.0
+    if alpha is not None:
+      alpha = np.clip(np.round(upscale(alpha, size) * 255.0), 0, 255).astype(np.uint8)
+    return up.astype(np.float32), alpha
+
+  def run(self, items, images):
+    """Super-resolves a batch (all the same size) -> uint8 (B, H, W, 3) numpy."""
+    n = len(items)
+    pad = self.args.batch_size - n
+    x = jnp.asarray(np.stack(images + images[-1:] * pad))
+    keys = jnp.stack([sampling.image_key(self.args.seed, it.name) for it in items]
+                     + [sampling.image_key(self.args.seed, items[-1].name)] * pad)
+    tiles = sampling.layout(self.pipeline.networks, x.shape[1:3], self.settings)
+    if tiles is None:
+      return np.asarray(self.fn(self.pipeline.params, x, keys))[:n]
+    # A large image: run the steps from here to show their progress.
+    prepare, step, finish = self.pipeline.jit_stages(self.settings)
+    params = self.pipeline.params
+    state = prepare(params, x, keys)
+    for k in tqdm(range(self.settings.num_steps), desc=f"steps ({len(tiles.starts)} tiles)",
+                  leave=False, file=sys.stderr):
+      state = step(params, state, jnp.int32(k))
+    return np.asarray(finish(params, state["z"], x))[:n]
+
+
+def main(argv=None):
+  """Runs the CLI; returns the exit status (0 ok, 1 some images failed, 2 nothing could run)."""
+  args = parse_args(argv)
+  try:
+    todo, skipped = _plan(args)
+    for item in skipped:
+      print(f"{item.name}: skipped, {item.out} exists (pass --overwrite to replace it)")
+    if not todo:
+      return 0
+    pipeline = inference.load_pipeline(args.checkpoint, encoder=args.encoder,
+                                       autoencoder=args.autoencoder, dtype=args.dtype)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  one_step = pipeline.networks.one_step
+  settings = sampling.Settings(
+      num_steps=args.steps or (ONESTEP_STEPS if one_step else MULTISTEP_STEPS),
+      cfg_scale=args.cfg_scale, weak_strength=args.weak_strength, tile_size=args.tile_size,
+      tile_overlap=args.tile_overlap, vae_tile_size=args.vae_tile_size,
+      vae_tile_overlap=args.vae_tile_overlap, color_fix=args.color_fix)
+  print(f"{pipeline.source}: {'one-step' if one_step else 'multi-step'} model, {settings}",
+        file=sys.stderr)
+  os.makedirs(args.output, exist_ok=True)
+  sampler = Sampler(pipeline, settings, args)
+  pil_format = FORMATS[args.format][0]
+  report, pending = {}, {}
+  start = time.perf_counter()
+
+  def flush(shape):
+    batch = pending.pop(shape)
+    t0 = time.perf_counter()
+    try:
+      out = sampler.run([it for it, _, _ in batch], [x for _, x, _ in batch])
+      for (item, _, alpha), rgb in zip(batch, out):
+        write_image(item.out, rgb, alpha, pil_format)
+    except (RuntimeError, OSError, ValueError) as e:  # XLA out of memory, disk full, ...
+      for item, _, _ in batch:
+        report[item.name] = f"FAILED: {e}"
+      return
+    per_image = (time.perf_counter() - t0) / len(batch)
+    for item, x, _ in batch:
+      report[item.name] = f"{per_image:.2f} s ({x.shape[1]}x{x.shape[0]} -> {item.out})"
+
+  for item in tqdm(todo, desc="images", unit="img", file=sys.stderr):
+    try:
+      x, alpha = sampler.load(item)
+    except InputError as e:
+      report[item.name] = f"FAILED: {e}"
+      continue
+    pending.setdefault(x.shape, []).append((item, x, alpha))
+    if len(pending[x.shape]) == args.batch_size:
+      flush(x.shape)
+  for shape in list(pending):
+    flush(shape)
+  for item in todo:
+    print(f"{item.name}: {report[item.name]}")
+  failed = sum(r.startswith("FAILED") for r in report.values())
+  print(f"total: {time.perf_counter() - start:.2f} s for {len(todo) - failed} images"
+        + (f", {failed} failed" if failed else ""))
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
