@@ -1,4 +1,4 @@
-"""Defaults shared by the training configs (multistep now, one-step distillation later).
+"""Defaults shared by the training configs (multistep training and one-step distillation).
 
 Every hyper-parameter lives here or in the experiment file that overrides it; the trainer reads
 `config.x` and never supplies its own default. The config is locked: an unknown key (a typo on the
@@ -37,6 +37,9 @@ def parse_arg(arg, **defaults):
 def get_base_config():
   """The full set of training fields with the official multistep values (VOSR_SPEC.md §4)."""
   config = ml_collections.ConfigDict()
+  # 'multistep' (flow matching, configs/multistep.py) or 'onestep' (distillation of a multistep
+  # teacher into a one-step student, configs/onestep.py, which adds the `distill` section).
+  config.kind = "multistep"
   config.seed = 42  # The run's PRNG key; per-step keys fold in the step.
   config.total_steps = 400_001
   config.batch_size = 8  # GLOBAL batch (all processes and devices together), as the official YAML.
@@ -55,7 +58,9 @@ def get_base_config():
   config.model.variant = "0.5b"  # A key of vosr_jax.models.dit.VARIANTS.
   config.model.overrides = ml_collections.ConfigDict()  # Constructor arguments over the variant.
   config.model.init = "random"  # 'random' (from scratch) or 'checkpoint' (config.model.path).
-  config.model.path = ""  # Converted denoiser weights (e.g. the released multistep EMA).
+  # A multistep denoiser: a converted one (`python -m vosr_jax.convert --kind=dit`, e.g. the
+  # released multistep EMA) or a training workdir (the EMA of its latest checkpoint).
+  config.model.path = ""
   config.model.scan = True  # lax.scan over the blocks (compile time independent of depth).
   config.model.remat_policy = config_dict.placeholder(str)  # None or a dit.REMAT_POLICIES key.
   config.model.attention = config_dict.placeholder(str)  # None/'xla' or 'cudnn'.
@@ -106,7 +111,7 @@ def get_base_config():
   config.eval.every_steps = 10_000  # 0 disables the periodic validation samples.
   config.eval.num_images = 4  # Fixed validation crops from the data sources (seed below).
   config.eval.seed = 1234  # Picks and degrades the validation crops, and draws the noise.
-  config.eval.num_steps = 25  # Guided Euler steps.
+  config.eval.num_steps = 25  # Guided Euler steps (one-step models: jumps of the average velocity).
   config.eval.cfg_scale = -0.5  # The multistep YAMLs' eval value (spec §8.6).
   config.eval.weak_strength = 0.15  # Midpoint of weak_strength_range, as the official sampler.
   config.eval.crop_border = 4  # PSNR/SSIM border crop (the x4 BasicSR convention).

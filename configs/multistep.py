@@ -20,24 +20,30 @@ from configs import common
 
 def get_config(arg="0.5b"):
   """Returns the locked config of `arg` ('0.5b', '1.4b', 'bench-small' or 'tiny')."""
-  arg = common.parse_arg(arg, variant="0.5b")
+  config = variant_config(common.parse_arg(arg, variant="0.5b").variant)
+  config.lock()
+  return config
+
+
+def variant_config(variant):
+  """The unlocked multistep config of `variant` (configs/onestep.py builds on it)."""
   config = common.get_base_config()
-  if arg.variant == "0.5b":
+  if variant == "0.5b":
     # The shipped 0.5B YAML fine-tunes the released multistep EMA (VOSR_SPEC.md §4.3).
     config.model.init = "checkpoint"
-  elif arg.variant == "1.4b":
+  elif variant == "1.4b":
     config.model.variant = "1.4b"
     config.encoder.variant = "L/14"
     config.encoder.tap_layer = 17
     config.autoencoder.kind = "qwen2d"
     config.autoencoder.variant = "qwen2d"
-  elif arg.variant == "bench-small":
+  elif variant == "bench-small":
     config.model.variant = "bench-small"
     config.data.resolution = 256  # 32x32 SD latents.
     config.batch_size = 4
     config.encoder.init = "random"
     config.autoencoder.init = "random"
-  elif arg.variant == "tiny":
+  elif variant == "tiny":
     # Pixel space (3 channels), 4x4 patches of 64 px crops (16x16 tokens), tiny-ViT width 64.
     config.model.variant = "tiny"
     config.model.overrides = dict(latent_channels=3, enc_dim=64, patch_size=4, rope_grid=16)
@@ -64,7 +70,6 @@ def get_config(arg="0.5b"):
     config.eval.num_steps = 4
     config.eval.cfg_scale = 0.5
   else:
-    raise ValueError(f"configs/multistep.py: unknown variant {arg.variant!r}; expected 0.5b, 1.4b, "
+    raise ValueError(f"configs/multistep.py: unknown variant {variant!r}; expected 0.5b, 1.4b, "
                      "bench-small or tiny")
-  config.lock()
   return config

@@ -128,3 +128,32 @@ class TrainCheckpointer:
 
   def close(self):
     self.manager.close()
+
+
+def is_train_workdir(path):
+  """True when `path` is a training workdir (has a `checkpoints/` folder)."""
+  return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_train_ema(workdir, abstract_params):
+  """The EMA parameters of the latest checkpoint of a training workdir.
+
+  Args:
+    workdir: a `--workdir` of `python -m vosr_jax.main`.
+    abstract_params: pytree of `jax.ShapeDtypeStruct` (with shardings) of the EMA parameters.
+  Returns:
+    (ema_params, step, config): the parameters, the step and the saved config (dict).
+  Raises:
+    FileNotFoundError: when the workdir holds no committed checkpoint.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no committed training checkpoint")
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    item = {"ema_params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+  return restored.state["ema_params"], step, config

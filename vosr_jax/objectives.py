@@ -9,9 +9,18 @@ Every objective has the shape of kvfrans/shortcut-models' `get_targets`:
 
 `latents` is the output of `steps.encode_batch` (`lr_latent`, `hr_latent`, `tokens`); `inputs` is
 the keyword dict the denoiser is called with (`z_t`, `lr_latent`, `t`, `tokens`, and `r` for
-one-step students); `target` has z_t's shape; `info` holds scalars for logging. A distillation
-objective adds its teacher/student callables as further arguments and returns the same triple, so
-the train step only swaps the function.
+one-step students); `target` has z_t's shape; `info` holds scalars for logging.
+
+One-step distillation (spec §5) needs the student's own prediction to build its target (RCGM
+corrects the gradient-stopped u), so its entry point is a loss rather than a target:
+
+    distill_loss(key, config, distill_config, latents, teacher, student, student_target)
+      -> (loss, info)
+
+with the networks as callables `f(inputs) -> velocity`: `teacher` (frozen), `student` (carries
+the gradient) and `student_target` (the same student with its parameters gradient-stopped, for
+the sub-steps that build targets). `rcgm_target` and `shortcut_target` share one signature, so
+`config.distill.distill_type` only swaps the function.
 """
 import jax
 import jax.numpy as jnp
@@ -103,25 +112,215 @@ def targets_multistep(key, config, latents):
     (inputs, target, info): denoiser keyword inputs, the (B, H, W, C) velocity target, and
     scalars `weak_fraction`, `weak_strength`, `t_mean`.
   """
-  k_time, k_eps, k_strength, k_xi, k_mask, k_weak = jax.random.split(key, 6)
-  x, lr, tokens = latents["hr_latent"], latents["lr_latent"], latents["tokens"]
-  batch = x.shape[0]
+  k_time, k_eps, k_cond = jax.random.split(key, 3)
+  x = latents["hr_latent"]
   # 1. Time and noise.
-  t = sample_time(k_time, batch, config)
+  t = sample_time(k_time, x.shape[0], config)
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
-  # 2. Conditional LR: spherically noised with s = sigmoid(N(mu_c, sigma_c^2)) per sample.
+  # 2. Conditions: noised LR, and the weak set with w * lr and zero tokens.
+  cond = conditions(k_cond, config, latents)
+  # 3. Interpolate and build the velocity target.
+  inputs = dict(z_t=interpolate(x, eps, t), lr_latent=cond["lr_mixed"], t=t,
+                tokens=cond["tokens_mixed"])
+  return inputs, velocity(x, eps), dict(cond["info"], t_mean=jnp.mean(t))
+
+
+def conditions(key, config, latents):
+  """The conditioning of a training batch, shared by the multistep and distillation objectives.
+
+  Args:
+    key: PRNG key; split into the strength, xi, weak-set and weak-strength keys.
+    config: the objective config (`cond_strength_mu`, `cond_strength_sigma`, `cfg_ratio`,
+      `weak_strength_range`, `weak_strength_per_sample`).
+    latents: dict with `lr_latent` (B, H, W, C) and `tokens` (B, N, D).
+  Returns:
+    dict with `lr_cond` (the spherically noised LR with s = sigmoid(N(mu_c, sigma_c^2)) per
+    sample), `lr_mixed`/`tokens_mixed` (weak-set samples replaced by w * lr and zero tokens), `w`
+    (B,) and `info` (`weak_fraction`, `weak_strength`).
+  """
+  k_strength, k_xi, k_mask, k_weak = jax.random.split(key, 4)
+  lr, tokens = latents["lr_latent"], latents["tokens"]
+  batch = lr.shape[0]
   s = jax.nn.sigmoid(config.cond_strength_mu
                      + config.cond_strength_sigma * jax.random.normal(k_strength, (batch,)))
   lr_cond = spherical_noise(k_xi, lr, s)
-  # 3. The weak (guidance) set gets w * lr and zero tokens.
   lr_mixed, tokens_mixed, weak, w = guidance_set(k_mask, k_weak, lr_cond, lr, tokens, config)
-  # 4. Interpolate and build the velocity target.
-  inputs = dict(z_t=interpolate(x, eps, t), lr_latent=lr_mixed, t=t, tokens=tokens_mixed)
-  info = dict(weak_fraction=jnp.mean(weak.astype(jnp.float32)), weak_strength=jnp.mean(w),
-              t_mean=jnp.mean(t))
-  return inputs, velocity(x, eps), info
+  info = dict(weak_fraction=jnp.mean(weak.astype(jnp.float32)), weak_strength=jnp.mean(w))
+  return dict(lr_cond=lr_cond, lr_mixed=lr_mixed, tokens_mixed=tokens_mixed, w=w, info=info)
 
 
 def velocity_loss(prediction, target):
   """Mean squared error over every element, computed in float32."""
   return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+# ------------------------------------------------------------------------------------------------
+# One-step distillation (spec §5). `distill_config` is `config.distill`.
+
+def _per_sample(x, like):
+  """(B,) -> (B, 1, 1, 1) to broadcast over `like`'s latent axes."""
+  return x.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def distill_times(key, batch, distill_config):
+  """(t, r) per sample: t = max(u1, u2) (density 2t), r = t (1 - g), g ~ Beta(beta_a, beta_b).
+
+  Args:
+    key: PRNG key.
+    batch: B.
+    distill_config: `beta_a`, `beta_b`.
+  Returns:
+    t, r: (B,) float32 with 0 <= r <= t <= 1.
+  """
+  k_t, k_g = jax.random.split(key)
+  t = jnp.max(jax.random.uniform(k_t, (2, batch), jnp.float32), axis=0)
+  g = jax.random.beta(k_g, distill_config.beta_a, distill_config.beta_b, (batch,), jnp.float32)
+  return t, t * (1.0 - g)
+
+
+def guided_target(v_cond, v_weak, t, distill_config):
+  """The teacher's guided velocity v_weak + w (v_cond - v_weak), w per sample.
+
+  w = `cfg_scale` for t in the guidance window [`t_start`, `t_end`], else 1 (conditional only).
+
+  Args:
+    v_cond, v_weak: (B, H, W, C) teacher velocities of the conditional and weak branches.
+    t: (B,) flow times.
+    distill_config: `cfg_scale`, `t_start`, `t_end`.
+  """
+  inside = (t >= distill_config.t_start) & (t <= distill_config.t_end)
+  w = _per_sample(jnp.where(inside, distill_config.cfg_scale, 1.0), v_cond)
+  return v_weak + w * (v_cond - v_weak)
+
+
+def rcgm_target(student_target, inputs, v, u, distill_config):
+  """RCGM average-velocity target (`loss_fm_distill_rcgm_improved`, spec §5.3).
+
+  One step of length Delta = t - t_m (t_m = max(t - delta, r)) along the teacher velocity `v`,
+  then N Euler sub-steps of the student's average velocity from t_m to r accumulate F; the
+  normalised residual of (t - r) u ~ Delta v + F, clamped to [-1, 1] element-wise, corrects u:
+
+    corr = clip(u cof_l - F cof_r - v, -1, 1),  target = u - corr,
+    cof_l, cof_r = (1, 1/d) if t - r < delta (near case, target = v unless clamped)
+                   else (d/delta, 1/delta),     d = max(t - r, 1e-6).
+
+  Args:
+    student_target: inputs -> (B, H, W, C) average velocity of the current student, gradient
+      stopped (only `z_t`, `t`, `r` of `inputs` change between calls).
+    inputs: the student inputs at (z_t, t, r), see `distill_inputs`.
+    v: (B, H, W, C) teacher velocity at (z_t, t).
+    u: (B, H, W, C) the student's prediction at (z_t, t, r), gradient stopped.
+    distill_config: `delta`, `n_steps`.
+  Returns:
+    (B, H, W, C) float32 target for u.
+  """
+  delta, n = distill_config.delta, distill_config.n_steps
+  t, r = inputs["t"], inputs["r"]
+  t_m = jnp.maximum(t - delta, r)
+  x = inputs["z_t"] - _per_sample(t - t_m, v) * v
+
+  def sub_step(k, carry):
+    x, f = carry
+    tau = t_m * (1.0 - k / n) + r * (k / n)
+    tau_next = t_m * (1.0 - (k + 1) / n) + r * ((k + 1) / n)
+    dx = _per_sample(tau - tau_next, x) * student_target(dict(inputs, z_t=x, t=tau, r=tau_next))
+    return x - dx, f + dx
+
+  # The near case (t_m = r) still runs the sub-steps with dt = 0, as the official code does.
+  _, f = jax.lax.fori_loop(0, n, sub_step, (x, jnp.zeros_like(x)))
+  d = jnp.maximum(t - r, 1e-6)
+  near = t < r + delta + 1e-6
+  cof_l = _per_sample(jnp.where(near, 1.0, d / delta), u)
+  cof_r = _per_sample(jnp.where(near, 1.0 / d, 1.0 / delta), u)
+  corr = jnp.clip(u * cof_l - f * cof_r - v, -1.0, 1.0)
+  return u - corr
+
+
+def shortcut_target(student_target, inputs, v, u, distill_config):
+  """Shortcut self-consistency target (`loss_fm_distill_shortcut_improved`, spec §5.4).
+
+  Two half jumps of the student, t -> m = (t + r) / 2 -> r; the target is their mean velocity.
+  Same signature as `rcgm_target` (`v`, `u` and `distill_config` are not used).
+
+  Returns:
+    (B, H, W, C) float32 target for u.
+  """
+  del v, u, distill_config
+  z_t, t, r = inputs["z_t"], inputs["t"], inputs["r"]
+  m = 0.5 * (t + r)
+  v1 = student_target(dict(inputs, t=t, r=m))
+  z_m = z_t - _per_sample(0.5 * (t - r), v1) * v1
+  v2 = student_target(dict(inputs, z_t=z_m, t=m, r=r))
+  return 0.5 * (v1 + v2)
+
+
+DISTILL_TARGETS = {"rcgm": rcgm_target, "shortcut": shortcut_target}
+
+
+def distill_inputs(key, config, distill_config, latents, teacher):
+  """The part of distillation shared by both targets (spec §5.2).
+
+  Args:
+    key: PRNG key; split into time, noise and condition keys.
+    config: the objective config (see `conditions`; `weak_strength_range` (0.1, 0.1) gives the
+      official fixed weak strength).
+    distill_config: `beta_a`, `beta_b`, `cfg_scale`, `t_start`, `t_end`.
+    latents: dict with `hr_latent`, `lr_latent` (B, H, W, C) and `tokens` (B, N, D).
+    teacher: inputs -> velocity (B, H, W, C), the frozen multistep model.
+  Returns:
+    (inputs, v, info): the student inputs (z_t, the mixed conditions, t and r, all (B, ...)), the
+    gradient-stopped guided teacher velocity at (z_t, t), and scalars `weak_fraction`,
+    `weak_strength`, `t_mean`, `r_mean`.
+  """
+  k_time, k_eps, k_cond = jax.random.split(key, 3)
+  x, lr, tokens = latents["hr_latent"], latents["lr_latent"], latents["tokens"]
+  batch = x.shape[0]
+  # 1. Times, noise and conditions (the weak strength w also weakens the teacher's weak branch).
+  t, r = distill_times(k_time, batch, distill_config)
+  eps = jax.random.normal(k_eps, x.shape, x.dtype)
+  cond = conditions(k_cond, config, latents)
+  z_t = interpolate(x, eps, t)
+  # 2. The teacher: conditional branch (noised LR, tokens) for every sample, weak branch
+  # (w * clean LR, zero tokens), batched together.
+  lr_weak = _per_sample(cond["w"], lr).astype(lr.dtype) * lr
+  v_both = teacher(dict(z_t=jnp.concatenate([z_t, z_t]),
+                        lr_latent=jnp.concatenate([cond["lr_cond"], lr_weak]),
+                        t=jnp.concatenate([t, t]),
+                        tokens=jnp.concatenate([tokens, jnp.zeros_like(tokens)])))
+  v = jax.lax.stop_gradient(guided_target(v_both[:batch], v_both[batch:], t, distill_config))
+  # 3. The student sees the mixed conditions (weak-set samples: weak input, guided target).
+  inputs = dict(z_t=z_t, lr_latent=cond["lr_mixed"], t=t, tokens=cond["tokens_mixed"], r=r)
+  info = dict(cond["info"], t_mean=jnp.mean(t), r_mean=jnp.mean(r))
+  return inputs, v, info
+
+
+def distill_loss(key, config, distill_config, latents, teacher, student, student_target):
+  """One-step distillation loss v_loss + u_weight * u_loss (spec §5.2-5.4).
+
+  v_loss = mean((S(z_t, t, r=t) - v)^2) (the instantaneous velocity, the r-term vanishes);
+  u_loss = mean((S(z_t, t, r) - target)^2) with the `distill_type` target. The two student
+  forwards that carry the gradient run as one call on the doubled batch.
+
+  Args:
+    key: PRNG key.
+    config, distill_config, latents, teacher: see `distill_inputs`; `distill_config` also gives
+      `distill_type` ('rcgm' or 'shortcut'), `u_weight`, `delta`, `n_steps`.
+    student: inputs -> average velocity, differentiable in the student's parameters.
+    student_target: the same network with its parameters gradient-stopped.
+  Returns:
+    (loss, info): scalar float32 loss, and scalars `loss_v`, `loss_u` plus `distill_inputs`'s.
+  """
+  if distill_config.distill_type not in DISTILL_TARGETS:
+    raise ValueError(f"config.distill.distill_type={distill_config.distill_type!r} must be one of "
+                     f"{sorted(DISTILL_TARGETS)}")
+  inputs, v, info = distill_inputs(key, config, distill_config, latents, teacher)
+  batch = v.shape[0]
+  both = jax.tree.map(lambda a: jnp.concatenate([a, a]), inputs)
+  both["r"] = jnp.concatenate([inputs["t"], inputs["r"]])
+  prediction = student(both)
+  pred_v, u = prediction[:batch], prediction[batch:]
+  target = DISTILL_TARGETS[distill_config.distill_type](
+      student_target, inputs, v, jax.lax.stop_gradient(u), distill_config)
+  loss_v = velocity_loss(pred_v, v)
+  loss_u = velocity_loss(u, jax.lax.stop_gradient(target))
+  return loss_v + distill_config.u_weight * loss_u, dict(info, loss_v=loss_v, loss_u=loss_u)

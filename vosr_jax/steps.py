@@ -1,15 +1,18 @@
 """Pure train/eval steps and their jit wiring with shardings.
 
-Data flow of one multistep train step (all one compiled program):
+Data flow of one train step (all one compiled program):
 
   batch {'hq': uint8 (B, R, R, 3)}
     -> encode_batch: degrade -> LQ; encoder tokens of LQ; autoencoder latents of [LQ, HQ]
-    -> objectives.targets_multistep -> denoiser -> velocity loss
+    -> loss: multistep (objectives.targets_multistep -> denoiser -> velocity loss)
+             or one-step distillation (objectives.distill_loss with the frozen teacher)
     -> grads -> optax (clip, AdamW, schedule) -> EMA
 
-Frozen networks (encoder, autoencoder) are arguments of the step (`frozen` = {'encoder': params,
-'autoencoder': params}), never closed-over constants; their graph definitions are static.
-Every random draw comes from `jax.random.fold_in(state.rng, state.step)`, split once per purpose.
+`train_step(state, frozen, batch)` and `distill_step(state, teacher_params, frozen, batch)` share
+everything but the loss function. Frozen networks (encoder, autoencoder, teacher) are arguments of
+the step (`frozen` = {'encoder': params, 'autoencoder': params}), never closed-over constants; their
+graph definitions are static. Every random draw comes from
+`jax.random.fold_in(state.rng, state.step)`, split once per purpose.
 """
 import dataclasses
 import functools
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vosr_jax import objectives, sharding
+from vosr_jax import objectives, sampling, sharding
 from vosr_jax.data import degradation
 from vosr_jax.models import vit as vit_lib
 
@@ -45,10 +48,15 @@ class TrainState(flax.struct.PyTreeNode):
 
 @dataclasses.dataclass(frozen=True)
 class Graphs:
-  """Static graph definitions of the networks (`nnx.split`), bound into the jitted steps."""
+  """Static graph definitions of the networks (`nnx.split`), bound into the jitted steps.
+
+  `denoiser` is the trained network (the one-step student when distilling); `teacher` is the frozen
+  multistep denoiser of distillation (None for multistep training).
+  """
   denoiser: Any
   encoder: Any
   autoencoder: Any
+  teacher: Any = None
 
 
 def make_optimizer(optim_config):
@@ -121,21 +129,42 @@ def encode_batch(graphs, frozen, batch, key, config):
   return encode_images(graphs, frozen, k_posterior, lq, hq, config)
 
 
-def _loss_fn(params, graphs, latents, key, config):
+def _multistep_loss(params, aux_params, graphs, latents, key, config):
+  """Flow-matching loss of the denoiser `params` (`aux_params` is unused: None)."""
+  del aux_params
   inputs, target, info = objectives.targets_multistep(key, config.objective, latents)
   prediction = apply_denoiser(graphs.denoiser, params, inputs)
   return objectives.velocity_loss(prediction, target), info
 
 
-def _grads(params, graphs, frozen, batch, key, config):
-  """(loss, info, grads) averaged over `config.grad_accum_steps` micro-batches."""
+def _distill_loss(params, teacher_params, graphs, latents, key, config):
+  """Distillation loss of the student `params` against the frozen teacher."""
+  def student(inputs):
+    return apply_denoiser(graphs.denoiser, params, inputs)
+
+  def student_target(inputs):
+    return apply_denoiser(graphs.denoiser, jax.lax.stop_gradient(params), inputs)
+
+  def teacher(inputs):
+    return apply_denoiser(graphs.teacher, teacher_params, inputs)
+
+  return objectives.distill_loss(key, config.objective, config.distill, latents, teacher, student,
+                                 student_target)
+
+
+def _grads(loss_fn, params, aux_params, graphs, frozen, batch, key, config):
+  """(loss, info, grads) of `loss_fn` averaged over `config.grad_accum_steps` micro-batches.
+
+  `loss_fn(params, aux_params, graphs, latents, key, config) -> (loss, info)` is differentiated
+  in `params`; `aux_params` are further frozen parameters (the teacher) or None.
+  """
   k_front, k_objective = jax.random.split(key)
-  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def micro(mb, i):
     latents = encode_batch(graphs, frozen, mb, jax.random.fold_in(k_front, i), config)
-    (loss, info), grads = grad_fn(params, graphs, latents, jax.random.fold_in(k_objective, i),
-                                  config)
+    (loss, info), grads = grad_fn(params, aux_params, graphs, latents,
+                                  jax.random.fold_in(k_objective, i), config)
     return loss, info, grads
 
   steps = config.grad_accum_steps
@@ -156,44 +185,15 @@ def _grads(params, graphs, frozen, batch, key, config):
   return jax.tree.map(lambda x: x / steps, total)
 
 
-def train_step(state, frozen, batch, *, graphs, config, tx, schedule):
-  """One optimizer step of multistep flow matching.
-
-  Args:
-    state: `TrainState`.
-    frozen: {'encoder': params, 'autoencoder': params}.
-    batch: {'hq': uint8 (B, R, R, 3)}, the global batch.
-    graphs, config, tx, schedule: static (bound by `jit_train_step`).
-  Returns:
-    (new state, metrics): metrics is a flat dict of float32 scalars (`train/loss`,
-    `train/grad_norm`, `train/param_norm`, `train/update_norm`, `train/lr`, `train/weak_fraction`,
-    `train/weak_strength`, `train/t_mean`).
-  """
+def _step(loss_fn, state, aux_params, frozen, batch, *, graphs, config, tx, schedule):
+  """Gradients of `loss_fn`, the optax update and the EMA: (new state, metrics)."""
   key = jax.random.fold_in(state.rng, state.step)
-  loss, info, grads = _grads(state.params, graphs, frozen, batch, key, config)
-  return apply_gradients(state, loss, info, grads, config=config, tx=tx, schedule=schedule)
-
-
-def denoiser_step(state, latents, *, graphs, config, tx, schedule):
-  """`train_step` from given `latents` (no degradation, no frozen networks, no accumulation).
-
-  Times the denoiser alone (forward, backward, clipped AdamW, EMA) in `vosr_jax.bench`.
-
-  Args:
-    state: `TrainState`.
-    latents: dict(tokens, lr_latent, hr_latent), as `encode_batch` returns.
-    graphs, config, tx, schedule: static, as in `train_step`.
-  Returns:
-    (new state, metrics) as `train_step`.
-  """
-  key = jax.random.fold_in(state.rng, state.step)
-  (loss, info), grads = jax.value_and_grad(_loss_fn, has_aux=True)(state.params, graphs, latents,
-                                                                   key, config)
+  loss, info, grads = _grads(loss_fn, state.params, aux_params, graphs, frozen, batch, key, config)
   return apply_gradients(state, loss, info, grads, config=config, tx=tx, schedule=schedule)
 
 
 def apply_gradients(state, loss, info, grads, *, config, tx, schedule):
-  """The back half of a train step: optax update, EMA, step + 1 and the metrics of `train_step`."""
+  """The optax update and the EMA of a step's gradients: (new state, metrics)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = config.ema_decay
@@ -208,43 +208,83 @@ def apply_gradients(state, loss, info, grads, *, config, tx, schedule):
   return new_state, metrics
 
 
-def guided_euler(graphdef, params, lr_latent, tokens, noise, *, num_steps, cfg_scale,
-                 weak_strength):
-  """Multistep guided Euler sampler (VOSR_SPEC.md §6.3) from t = 1 to 0 on a linear grid.
+def train_step(state, frozen, batch, *, graphs, config, tx, schedule):
+  """One optimizer step of multistep flow matching.
 
   Args:
-    graphdef, params: the denoiser.
-    lr_latent: (B, H, W, C) clean LR latent; tokens: (B, N, D) encoder tokens.
-    noise: (B, H, W, C) the starting point z_1.
-    num_steps: Euler steps N (2N network evaluations, conditional and weak batched together).
-    cfg_scale: s in v = v_weak + s (v_cond - v_weak).
-    weak_strength: w of the weak condition w * lr_latent (zero tokens).
+    state: `TrainState`.
+    frozen: {'encoder': params, 'autoencoder': params}.
+    batch: {'hq': uint8 (B, R, R, 3)}, the global batch.
+    graphs, config, tx, schedule: static (bound by `jit_train_step`).
   Returns:
-    (B, H, W, C) float32 sample z_0.
+    (new state, metrics): metrics is a flat dict of float32 scalars (`train/loss`,
+    `train/grad_norm`, `train/param_norm`, `train/update_norm`, `train/lr`, `train/weak_fraction`,
+    `train/weak_strength`, `train/t_mean`).
   """
-  model = nnx.merge(graphdef, params, copy=True)
-  times = jnp.linspace(1.0, 0.0, num_steps + 1)
-  batch = lr_latent.shape[0]
-  lr_both = jnp.concatenate([lr_latent, weak_strength * lr_latent], axis=0)
-  tokens_both = jnp.concatenate([tokens, jnp.zeros_like(tokens)], axis=0)
+  return _step(_multistep_loss, state, None, frozen, batch, graphs=graphs, config=config, tx=tx,
+               schedule=schedule)
 
-  def body(k, z):
-    t = jnp.full((2 * batch,), times[k])
-    v = model(z_t=jnp.concatenate([z, z], axis=0), lr_latent=lr_both, t=t, tokens=tokens_both)
-    v_cond, v_weak = v[:batch], v[batch:]
-    return z - (times[k] - times[k + 1]) * (v_weak + cfg_scale * (v_cond - v_weak))
 
-  return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
+def denoiser_step(state, latents, *, graphs, config, tx, schedule):
+  """`train_step` from given `latents`: no degradation, frozen networks or accumulation.
+
+  Times the denoiser alone (forward, backward, clipped AdamW, EMA) in `vosr_jax.bench`.
+
+  Args:
+    state: `TrainState`.
+    latents: dict(tokens, lr_latent, hr_latent), as `encode_batch` returns.
+    graphs, config, tx, schedule: static, as in `train_step`.
+  Returns:
+    (new state, metrics) as `train_step`.
+  """
+  key = jax.random.fold_in(state.rng, state.step)
+  (loss, info), grads = jax.value_and_grad(_multistep_loss, has_aux=True)(
+      state.params, None, graphs, latents, key, config)
+  return apply_gradients(state, loss, info, grads, config=config, tx=tx, schedule=schedule)
+
+
+def distill_step(state, teacher_params, frozen, batch, *, graphs, config, tx, schedule):
+  """One optimizer step of one-step distillation (spec §5) of the student `state.params`.
+
+  Per step (RCGM, `config.distill.n_steps` = N): one teacher call on 2B samples (conditional and
+  weak branches), one student call with gradient on 2B samples (r = t and r), N student sub-steps
+  on B samples without gradient. Shortcut: the same with N = 2 half jumps.
+
+  Args:
+    state: `TrainState` of the student (a denoiser with `r_embedder`).
+    teacher_params: the frozen multistep denoiser's parameters (graph `graphs.teacher`).
+    frozen: {'encoder': params, 'autoencoder': params}.
+    batch: {'hq': uint8 (B, R, R, 3)}, the global batch.
+    graphs, config, tx, schedule: static (bound by `jit_distill_step`).
+  Returns:
+    (new state, metrics): as `train_step`, plus `train/loss_v`, `train/loss_u`, `train/r_mean`.
+  """
+  return _step(_distill_loss, state, teacher_params, frozen, batch, graphs=graphs, config=config,
+               tx=tx, schedule=schedule)
 
 
 def sample_step(ema_params, frozen, lq, key, *, graphs, config):
-  """Super-resolves `lq` (B, H, W, 3) in [-1, 1] with the EMA denoiser -> images in [-1, 1]."""
+  """Super-resolves `lq` (B, H, W, 3) in [-1, 1] with the EMA denoiser -> images in [-1, 1].
+
+  Multistep models sample with `sampling.sample_multistep` (`config.eval.num_steps` guided Euler
+  steps); one-step students (`config.kind == 'onestep'`) with `sampling.sample_onestep`
+  (`config.eval.num_steps` jumps of the average velocity, 1: t = 1 -> r = 0).
+  """
   k_posterior, k_noise = jax.random.split(key)
   latents = encode_images(graphs, frozen, k_posterior, lq, None, config)
   noise = jax.random.normal(k_noise, latents["lr_latent"].shape, jnp.float32)
-  z = guided_euler(graphs.denoiser, ema_params, latents["lr_latent"], latents["tokens"], noise,
-                   num_steps=config.eval.num_steps, cfg_scale=config.eval.cfg_scale,
-                   weak_strength=config.eval.weak_strength)
+  model = nnx.merge(graphs.denoiser, ema_params, copy=True)
+
+  def apply_fn(z, lr, t, tokens, r):
+    return model(z_t=z, lr_latent=lr, t=t, tokens=tokens, r=r)
+
+  if config.kind == "onestep":
+    z = sampling.sample_onestep(apply_fn, latents["lr_latent"], latents["tokens"], noise,
+                                num_steps=config.eval.num_steps)
+  else:
+    z = sampling.sample_multistep(apply_fn, latents["lr_latent"], latents["tokens"], noise,
+                                  num_steps=config.eval.num_steps, cfg_scale=config.eval.cfg_scale,
+                                  weak_strength=config.eval.weak_strength)
   autoencoder = nnx.merge(graphs.autoencoder, frozen["autoencoder"])
   return autoencoder.decode(z)
 
@@ -260,7 +300,7 @@ def state_shardings(abstract_state, param_shardings, mesh, tx):
                     rng=rep)
 
 
-def create_train_state(make_denoiser, config, mesh, tx, initial_params=None):
+def create_train_state(make_denoiser, config, mesh, tx, initial_params=None, new_modules=()):
   """Initialises the train state directly sharded on `mesh` (no host copy of the parameters).
 
   Args:
@@ -270,17 +310,28 @@ def create_train_state(make_denoiser, config, mesh, tx, initial_params=None):
     tx: the optax transformation.
     initial_params: optional pretrained parameters (pure dict, already sharded); None initialises
       randomly from `config.seed`. The EMA starts as a copy of the initial parameters.
+    new_modules: top-level modules that `initial_params` lacks and that keep their random
+      initialisation (the one-step student's `r_embedder`, spec §5.1).
   Returns:
     (graphdef, state, shardings): the denoiser graph, the `TrainState`, its shardings.
+  Raises:
+    ValueError: when `initial_params` plus `new_modules` are not exactly the model's modules.
   """
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: make_denoiser(nnx.Rngs(0))),
                                         nnx.Param)
   param_sh = sharding.param_shardings(abstract_params, mesh, config.sharding_rules)
+  if initial_params is not None:
+    have, want = set(initial_params) | set(new_modules), set(abstract_params.to_pure_dict())
+    if have != want or set(initial_params) & set(new_modules):
+      raise ValueError(f"steps.py: initial parameters {sorted(initial_params)} with new modules "
+                       f"{sorted(new_modules)} do not make the denoiser's {sorted(want)}")
 
   def init(rng, params):
-    if params is None:
-      params = nnx.state(make_denoiser(nnx.Rngs(params=jax.random.fold_in(rng, 0))),
+    if params is None or new_modules:
+      random = nnx.state(make_denoiser(nnx.Rngs(params=jax.random.fold_in(rng, 0))),
                          nnx.Param).to_pure_dict()
+      # Unused random parameters are dead code for XLA: only the new modules are computed.
+      params = random if params is None else {**params, **{k: random[k] for k in new_modules}}
     # A separate buffer for the EMA: both are donated to the step.
     ema = jax.tree.map(lambda p: p + 0.0, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -292,6 +343,13 @@ def create_train_state(make_denoiser, config, mesh, tx, initial_params=None):
   return graphdef, state, shardings
 
 
+def _jit_step(step_fn, in_shardings, config, graphs, tx, schedule, state_sh, mesh):
+  """`step_fn(state, *args)` jitted with `in_shardings` (state first), the state donated."""
+  fn = functools.partial(step_fn, graphs=graphs, config=config, tx=tx, schedule=schedule)
+  return jax.jit(fn, in_shardings=in_shardings,
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
 def jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh):
   """`train_step` jitted with in/out shardings and the state donated.
 
@@ -299,9 +357,31 @@ def jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh):
     f(state, frozen, batch) -> (state, metrics); lower/compile it ahead of time with
     `f.lower(...).compile()` to time compilation separately.
   """
-  fn = functools.partial(train_step, graphs=graphs, config=config, tx=tx, schedule=schedule)
-  return jax.jit(fn, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  return _jit_step(train_step, (state_sh, frozen_sh, sharding.batch_sharding(mesh)), config,
+                   graphs, tx, schedule, state_sh, mesh)
+
+
+def jit_distill_step(config, graphs, tx, schedule, state_sh, teacher_sh, frozen_sh, mesh):
+  """`distill_step` jitted with in/out shardings and the state donated.
+
+  Args:
+    config: a one-step run config (`config.distill`, `config.objective`, ...).
+    graphs: `Graphs` with `denoiser` = the student (one_step=True) and `teacher` = the multistep
+      denoiser graph.
+    tx, schedule: `make_optimizer(config.optim)`.
+    state_sh: shardings of the student `TrainState` (`create_train_state`'s third output).
+    teacher_sh: shardings of the teacher parameters (e.g. `sharding.param_shardings` of its
+      abstract params, or `jax.tree.map(lambda x: x.sharding, teacher_params)`).
+    frozen_sh: shardings of {'encoder', 'autoencoder'} params.
+    mesh: the Mesh.
+  Returns:
+    f(state, teacher_params, frozen, batch) -> (state, metrics); per call with RCGM (N = 2): the
+    equivalent of 2 teacher forwards and 2 student forwards + backward on B samples, plus 2
+    student forwards without gradient. `f.lower(...).compile()` compiles ahead of time.
+  """
+  return _jit_step(distill_step,
+                   (state_sh, teacher_sh, frozen_sh, sharding.batch_sharding(mesh)), config,
+                   graphs, tx, schedule, state_sh, mesh)
 
 
 def jit_sample_step(config, graphs, param_sh, frozen_sh, mesh):

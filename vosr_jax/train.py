@@ -1,31 +1,41 @@
 """The outer training loop: mesh, data, state, checkpoints, logging, validation, preemption.
 
-`run(config, workdir)` is what `python -m vosr_jax.main` calls. Order of work:
+`run(config, workdir)` is what `python -m vosr_jax.main` calls. `config.kind` picks the step:
+'multistep' (`steps.train_step`) or 'onestep' (`steps.distill_step`, with the frozen teacher loaded
+once and passed to every step). Order of work:
   1. checks that need no compute: config values, workdir, mesh vs devices, batch vs mesh, the saved
      config of an existing checkpoint, the frozen-weight paths;
-  2. frozen networks (loaded sharded), the train state (created sharded), the data iterator;
+  2. frozen networks (loaded sharded), the teacher (one-step), the train state (created sharded),
+     the data iterator;
   3. restore of the latest checkpoint (state and iterator) if there is one;
   4. the step, compiled ahead of time (compile time logged apart from throughput);
   5. the loop: steps, metrics every `log_every_steps`, validation samples every
-     `eval.every_steps`, checkpoints every `checkpoint.every_steps` and at the end.
+     `eval.every_steps` (and before the first step of a fresh run: the baseline of a fine-tuned
+     or distilled model), checkpoints every `checkpoint.every_steps` and at the end.
 A non-finite loss stops the run with the step number before anything is saved. SIGTERM
 (preemption) saves a checkpoint of the current step and returns normally (exit status 0).
 """
 import functools
+import json
 import os
 import signal
 import tempfile
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from vosr_jax import checkpoint, logging_utils, metrics, models, sharding, steps
+from vosr_jax import checkpoint, logging_utils, metrics, models, objectives, sharding, steps
 from vosr_jax.data import pipeline
+from vosr_jax.models import dit
+
+
+KINDS = ("multistep", "onestep")
 
 
 class _StopSignal:
@@ -62,6 +72,19 @@ def check_config(config):
     raise ValueError(f"config.objective.cfg_ratio={config.objective.cfg_ratio} is not in [0, 1]")
   if config.data.sources is None:
     raise ValueError("config.data.sources is not set: pass --config.data.sources=LIST_OR_FOLDER")
+  if config.kind not in KINDS:
+    raise ValueError(f"config.kind={config.kind!r} must be one of {KINDS}")
+  one_step = "one_step" in config.model.overrides and config.model.overrides.one_step
+  if one_step != (config.kind == "onestep"):
+    raise ValueError(f"config.model.overrides.one_step={one_step} does not fit config.kind="
+                     f"{config.kind!r}: only one-step students have the r embedder")
+  if config.kind == "onestep":
+    if config.model.init != "checkpoint":
+      raise ValueError("config.model.init must be 'checkpoint' for one-step distillation: "
+                       "config.model.path is the multistep teacher (never a random one)")
+    if config.distill.distill_type not in objectives.DISTILL_TARGETS:
+      raise ValueError(f"config.distill.distill_type={config.distill.distill_type!r} must be one "
+                       f"of {sorted(objectives.DISTILL_TARGETS)}")
 
 
 def check_workdir(workdir):
@@ -114,15 +137,21 @@ class Validator:
     self.sample = steps.jit_sample_step(config, graphs, param_sh, frozen_sh, mesh)
 
   def __call__(self, step, ema_params, frozen, writer):
-    """Samples, then logs `eval/psnr`, `eval/ssim` (Y channel) and the comparison image."""
+    """Samples, then logs `eval/psnr`, `eval/ssim` (Y channel) and the comparison image.
+
+    Returns:
+      {'eval/psnr': mean PSNR (dB), 'eval/ssim': mean SSIM} against the HR crops.
+    """
     sr = self.sample(ema_params, frozen, self.lq, self.key)
     sr = _to_uint8(_host(sr))
     border = self.config.eval.crop_border
     psnrs = [metrics.psnr(s, h, border, y_channel=True) for s, h in zip(sr, self.hq)]
     ssims = [metrics.ssim(s, h, border, y_channel=True) for s, h in zip(sr, self.hq)]
-    writer.write_scalars(step, {"eval/psnr": np.mean(psnrs), "eval/ssim": np.mean(ssims)})
+    scores = {"eval/psnr": float(np.mean(psnrs)), "eval/ssim": float(np.mean(ssims))}
+    writer.write_scalars(step, scores)
     rows = [np.concatenate([lq, s, h], axis=1) for lq, s, h in zip(self.lq_uint8, sr, self.hq)]
     writer.write_image(step, "eval_lr_sr_hr", np.concatenate(rows, axis=0))
+    return scores
 
 
 def _frozen_networks(config, mesh, dtype):
@@ -137,20 +166,73 @@ def _frozen_networks(config, mesh, dtype):
   return enc_graph, ae_graph, frozen, frozen_sh
 
 
-def _pretrained_denoiser(config, make_denoiser, mesh):
-  """Loads `config.model.path` onto the parameter shardings, or None for init='random'."""
-  if config.model.init == "random":
-    return None
-  abstract = nnx.split(nnx.eval_shape(lambda: make_denoiser(nnx.Rngs(0))), nnx.Param)[1]
+def teacher_model_config(model_config):
+  """`config.model` of the multistep denoiser behind a model config: without the r embedder."""
+  out = ml_collections.ConfigDict(model_config.to_dict())
+  out.overrides.one_step = False
+  return out
+
+
+def _architecture(model_json):
+  """(variant, overrides with one_step spelled out) of a `config.model` as JSON (a dict)."""
+  overrides = dict(model_json["overrides"])
+  overrides["one_step"] = overrides.get("one_step", False)
+  return model_json["variant"], overrides
+
+
+def load_multistep_ema(config, abstract, mesh):
+  """Loads the multistep denoiser of `config.model.path` onto the parameter shardings of `mesh`.
+
+  `config.model.path` is a training workdir (the EMA of its latest checkpoint, which must come from
+  a multistep config with the same `model.variant`/`model.overrides`) or a converted checkpoint
+  of kind 'dit' without `r_embedder` whose constructor arguments agree with `config.model`.
+
+  Args:
+    config: the run config.
+    abstract: abstract parameters (nnx.State of ShapeDtypeStructs) of the multistep denoiser.
+    mesh: the Mesh.
+  Returns:
+    The parameters (pure dict of sharded arrays).
+  Raises:
+    FileNotFoundError, ValueError naming config.model.path: a missing or mismatched checkpoint.
+  """
   param_sh = sharding.param_shardings(abstract, mesh, config.sharding_rules)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         abstract.to_pure_dict(), param_sh)
-  path = config.model.path
+  path = os.path.abspath(config.model.path) if config.model.path else ""
+  key = f"config.model.path={config.model.path!r}"
+  want = teacher_model_config(config.model)
+  want_arch = _architecture(json.loads(want.to_json_best_effort()))
+  if path and checkpoint.is_train_workdir(path):
+    try:
+      params, step, saved = checkpoint.load_train_ema(path, target)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"{key}: the latest checkpoint does not match config.model: {e}") from e
+    if saved["kind"] != "multistep" or _architecture(saved["model"]) != want_arch:
+      raise ValueError(
+          f"{key}: the workdir was trained with config.kind={saved['kind']!r}, config.model."
+          f"variant/overrides {_architecture(saved['model'])}; a multistep {want_arch} is needed")
+    logging.info("Multistep denoiser: EMA of step %d of %s.", step, path)
+    return params
   if not path or not os.path.isdir(os.path.join(path, "params")):
-    raise FileNotFoundError(f"config.model.path={path!r}: no converted denoiser checkpoint there "
-                            "(config.model.init='checkpoint'). Convert the weights with "
-                            "`python -m vosr_jax.convert` or set config.model.init='random'.")
-  return checkpoint.load_params(path, target)[0]
+    raise FileNotFoundError(
+        f"{key}: neither a training workdir (with checkpoints/) nor a converted denoiser "
+        "checkpoint. Train one with configs/multistep.py or convert the official weights with "
+        "`python -m vosr_jax.convert --kind=dit`.")
+  metadata = checkpoint.load_metadata(path)
+  kwargs = dit.variant_kwargs(want.variant, **want.overrides.to_dict())
+  if metadata.get("kind") != "dit":
+    raise ValueError(f"{key} holds a {metadata.get('kind')!r} checkpoint, not a denoiser ('dit')")
+  diffs = {k: (metadata["kwargs"].get(k), v) for k, v in kwargs.items()
+           if metadata["kwargs"].get(k, False) != v}
+  if diffs:
+    raise ValueError(f"{key}: the converted denoiser differs from config.model (checkpoint, "
+                     f"config): {diffs}; a multistep model (one_step=False) of the same size is "
+                     "needed")
+  try:
+    return checkpoint.load_params(path, target)[0]
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{key}: the checkpoint does not match config.model: {e}") from e
 
 
 def run(config, workdir):
@@ -189,12 +271,20 @@ def _run(config, workdir, stop):
   def make_denoiser(rngs):
     return models.build_denoiser(config.model, rngs, dtype)
 
-  initial_params = _pretrained_denoiser(config, make_denoiser, mesh)
+  # The multistep denoiser: the initialisation of multistep fine-tuning, or the frozen teacher
+  # and the student's initialisation (all but its r embedder) of one-step distillation.
+  multistep = nnx.split(nnx.eval_shape(lambda: models.build_denoiser(
+      teacher_model_config(config.model), nnx.Rngs(0), dtype)), nnx.Param)
+  initial_params = load_multistep_ema(config, multistep[1], mesh) \
+      if config.model.init == "checkpoint" else None
   enc_graph, ae_graph, frozen, frozen_sh = _frozen_networks(config, mesh, dtype)
   tx, schedule = steps.make_optimizer(config.optim)
-  graphdef, state, state_sh = steps.create_train_state(make_denoiser, config, mesh, tx,
-                                                       initial_params)
-  graphs = steps.Graphs(denoiser=graphdef, encoder=enc_graph, autoencoder=ae_graph)
+  onestep = config.kind == "onestep"
+  graphdef, state, state_sh = steps.create_train_state(
+      make_denoiser, config, mesh, tx, initial_params,
+      new_modules=("r_embedder",) if onestep else ())
+  graphs = steps.Graphs(denoiser=graphdef, encoder=enc_graph, autoencoder=ae_graph,
+                        teacher=multistep[0] if onestep else None)
   data_iter = pipeline.make_train_iterator(config.data, config.batch_size // jax.process_count())
 
   start = ckpt.latest_step()
@@ -208,13 +298,23 @@ def _run(config, workdir, stop):
   writer = logging_utils.MetricWriter(workdir)
   validator = Validator(config, graphs, state_sh.ema_params, frozen_sh, mesh) \
       if config.eval.every_steps else None
-  train_step = steps.jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh)
+  if onestep:
+    # `initial_params` stays as it was loaded: the teacher (the state holds its own copies).
+    frozen_args = (initial_params, frozen)
+    train_step = steps.jit_distill_step(config, graphs, tx, schedule, state_sh,
+                                        jax.tree.map(lambda x: x.sharding, initial_params),
+                                        frozen_sh, mesh)
+  else:
+    frozen_args = (frozen,)
+    train_step = steps.jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh)
   batch = sharding.shard_batch(next(data_iter), mesh)
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, frozen, batch).compile()
+  compiled = train_step.lower(state, *frozen_args, batch).compile()
   flops = _per_device_flops(compiled)
   writer.write_scalars(step, {"perf/compile_seconds": time.perf_counter() - t0})
 
+  if validator is not None and step == 0:
+    validator(step, state.ema_params, frozen, writer)
   progress = tqdm(total=config.total_steps, initial=step, disable=jax.process_index() != 0,
                   desc="train", dynamic_ncols=True)
   history, timed_steps, timer, pending = [], 0, time.perf_counter(), None
@@ -222,7 +322,7 @@ def _run(config, workdir, stop):
     while step < config.total_steps:
       if batch is None:
         batch = sharding.shard_batch(next(data_iter), mesh)
-      state, step_metrics = compiled(state, frozen, batch)
+      state, step_metrics = compiled(state, *frozen_args, batch)
       # The next batch is drawn at the top of the next iteration, after any checkpoint: the saved
       # iterator position is then exactly that of the saved step (bit-exact resume).
       batch = None

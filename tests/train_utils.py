@@ -1,0 +1,96 @@
+"""Helpers shared by the training-loop tests (test_train.py, test_distill.py): command lines of
+`python -m vosr_jax.main` on the `tiny` configs, their environment, and reading back results."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import skimage.data
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "retina", "stereo_motorcycle")
+KINDS = ("multistep", "onestep")
+
+
+def make_data(root):
+  """Folders of 64x64 crops of real photos under `root`: 8 different ones, and 8 copies of one."""
+  varied, same = root / "varied", root / "same"
+  varied.mkdir()
+  same.mkdir()
+  for i, name in enumerate(IMAGES):
+    img = getattr(skimage.data, name)()
+    if isinstance(img, tuple):
+      img = img[0]
+    h, w = img.shape[:2]
+    crop = img[h // 2 - 32:h // 2 + 32, w // 2 - 32:w // 2 + 32, :3]
+    Image.fromarray(crop).save(varied / f"{name}.png")
+    Image.fromarray(crop if i == 0 else np.asarray(Image.open(varied / f"{IMAGES[0]}.png"))).save(
+        same / f"{i}.png")
+  return dict(varied=str(varied), same=str(same), cache=str(root / "jax_cache"))
+
+
+def env(data, devices=1):
+  """Environment of a CPU run with `devices` virtual devices and the shared compilation cache."""
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_COMPILATION_CACHE_DIR=data["cache"],
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def cmd(workdir, sources, *overrides, kind="multistep", teacher=None):
+  """`python -m vosr_jax.main` on configs/<kind>.py:tiny; one-step runs distil `teacher`."""
+  config = [f"--config=configs/{kind}.py:tiny"]
+  if kind == "onestep":
+    config.append(f"--config.model.path={teacher}")
+  return [sys.executable, "-m", "vosr_jax.main", *config, f"--workdir={workdir}",
+          f"--config.data.sources={sources}", "--config.eval.every_steps=0",
+          "--config.log_every_steps=1", *overrides]
+
+
+def run(command, environment, timeout=600):
+  proc = subprocess.run(command, env=environment, cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return proc
+
+
+def saved_state(workdir, step):
+  """The saved TrainState of `step` as arrays on this process's first device (any topology)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return ckptr.restore(path, target)
+
+
+def metric_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def metric(workdir, name):
+  """{step: value} of metric `name` in `workdir`'s metrics.jsonl."""
+  return {r["step"]: r[name] for r in metric_rows(workdir) if name in r}
+
+
+def assert_trees_equal(a, b):
+  import jax  # pylint: disable=g-import-not-at-top
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for (path, x), y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def section(config, dotted):
+  """The sub-config at `dotted` ('' is the config itself)."""
+  for part in filter(None, dotted.split(".")):
+    config = config[part]
+  return config
