@@ -1,0 +1,411 @@
+r"""Benchmarks: one JSON record per run, with the command, the device and the timing statistics.
+
+  python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=denoiser
+  python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=train
+  python -m vosr_jax.bench --config=configs/onestep.py:bench-small --what=distill
+  python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=degradation
+  python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=pipeline --folder=DIR
+  python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=sampling
+
+Modes (`--what`):
+  denoiser     `steps.denoiser_step` (denoiser forward, backward, clipped AdamW, EMA) on random
+               latents and tokens of the config's shapes; no accumulation (one full-batch step).
+  train        `steps.jit_train_step` (degradation, encoder, autoencoder, denoiser, optimizer) on
+               random uint8 HQ batches of `config.batch_size` x `config.data.resolution`^2.
+  distill      `steps.jit_distill_step` of a one-step config (configs/onestep.py): the train step
+               with the student and a random multistep teacher (teacher and student calls of
+               `config.distill`).
+  degradation  the jitted degradation chain (`degradation.make_degrade`) on a random float batch of
+               `--degradation_batch` images of `--degradation_size`^2 pixels, a new key per call.
+  pipeline     `next()` of the training data iterator reading the images of `--folder` with
+               `config.data` (`num_workers`, `resolution`) and `config.batch_size`.
+  sampling     `inference.benchmark_sampling`: `sampling.super_resolve` end to end (encoder, VAE
+               encode, denoiser steps, decode, colour fix) for a multi-step model
+               (`--sampling_steps` guided Euler steps) and a one-step student, at `--sizes`.
+
+Every network has random weights (`init='random'` is forced): timings do not depend on the values.
+Each timed figure is the median, min and max over `--steps` calls after `--warmup` untimed ones,
+each call blocked on (`time_fn`); compilation is timed apart (`compile_s`). FLOPs per step come
+from XLA's cost analysis of the lowered step with the block stacks unrolled (`model.scan` and
+`encoder.scan` off): the cost analysis counts a `lax.scan` body once, not once per layer. MFU is
+given where the peak FLOP/s of the device is known (`PEAK_FLOPS`) or passed with `--peak_tflops`.
+"""
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_dict, config_flags
+
+from vosr_jax import inference, models, sharding, steps
+from vosr_jax.data import degradation, pipeline
+
+MODES = ("denoiser", "train", "distill", "degradation", "pipeline", "sampling")
+
+# Dense peak FLOP/s per chip by compute dtype; the first key found in the lower-cased
+# `device_kind` wins (so the more specific names come first). GPU float32 is the TF32 tensor-core
+# peak, which JAX's default matmul precision uses; TPU float32 has no single peak (left out).
+PEAK_FLOPS = (
+    ("h100 pcie", {"bfloat16": 756e12, "float32": 378e12}),
+    ("h100 nvl", {"bfloat16": 835e12, "float32": 418e12}),
+    ("h100", {"bfloat16": 989e12, "float32": 495e12}),  # SXM.
+    ("h200", {"bfloat16": 989e12, "float32": 495e12}),
+    ("a100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("tpu v4", {"bfloat16": 275e12}),
+    ("tpu v5 lite", {"bfloat16": 197e12}),  # v5e.
+    ("tpu v5", {"bfloat16": 459e12}),  # v5p.
+    ("tpu v6 lite", {"bfloat16": 918e12}),  # v6e.
+)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                          lock_config=True)
+_WHAT = flags.DEFINE_enum("what", "denoiser", MODES, "What to time.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed calls (after the warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before the timed ones.")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
+                                  "Peak TFLOP/s per device for MFU (default: PEAK_FLOPS table).")
+_FOLDER = flags.DEFINE_string("folder", None, "Image folder of --what=pipeline.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON record to this file.")
+_DEGRADATION_BATCH = flags.DEFINE_integer("degradation_batch", 8, "Batch of --what=degradation.")
+_DEGRADATION_SIZE = flags.DEFINE_integer("degradation_size", 512,
+                                         "Square image side of --what=degradation.")
+_SIZES = flags.DEFINE_list("sizes", ["128:512", "256:1024"],
+                           "LR_SIDE:HR_SIDE pairs of --what=sampling.")
+_SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", 25,
+                                       "Euler steps of the multi-step model in --what=sampling.")
+flags.mark_flags_as_required(["config"])
+
+
+def time_fn(fn, args, steps, warmup, update=None):
+  """Calls `fn(*args)` `warmup + steps` times, blocking on each result; times the last `steps`.
+
+  Args:
+    fn: any callable (a compiled step, a jitted function, a Python iterator's `next`).
+    args: tuple of arguments of the first call.
+    steps: timed calls (>= 1).
+    warmup: untimed calls first (>= 0).
+    update: optional (args, result) -> the arguments of the next call, outside the timed region
+      (threads a donated train state, draws a new key).
+  Returns:
+    dict(steps, warmup, median_s, min_s, max_s, mean_s).
+  """
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+    if update is not None:
+      args = update(args, out)
+  return dict(steps=steps, warmup=warmup, median_s=statistics.median(times), min_s=min(times),
+              max_s=max(times), mean_s=statistics.fmean(times))
+
+
+def peak_flops(device_kind, dtype, peak_tflops=None):
+  """(peak FLOP/s per device, where it comes from), or (None, None) when unknown.
+
+  Args:
+    device_kind: `jax.devices()[0].device_kind`.
+    dtype: the compute dtype name (`config.dtype`).
+    peak_tflops: `--peak_tflops`, which wins over the table.
+  """
+  if peak_tflops is not None:
+    return peak_tflops * 1e12, "--peak_tflops"
+  kind = device_kind.lower()
+  for key, peaks in PEAK_FLOPS:
+    if key in kind:
+      return (peaks[dtype], f"PEAK_FLOPS[{key!r}][{dtype!r}]") if dtype in peaks else (None, None)
+  return None, None
+
+
+def _random_weights(config):
+  """A copy of `config` with every network randomly initialised (timings only)."""
+  config = config.copy_and_resolve_references()
+  config.model.init = "random"
+  config.encoder.init = "random"
+  config.autoencoder.init = "random"
+  return config
+
+
+def _unrolled(config):
+  """A copy of `config` with the block stacks unrolled (for FLOP counting)."""
+  config = config.copy_and_resolve_references()
+  config.model.scan = False
+  config.encoder.scan = False
+  return config
+
+
+def _networks(what, config, mesh):
+  """Random networks of step `what` ('denoiser', 'train' or 'distill') placed on `mesh`.
+
+  Returns:
+    dict(graphs, state, state_sh, tx, schedule, frozen, teacher, teacher_sh): the denoiser (the
+    student for 'distill') train state; the frozen encoder/autoencoder for 'train' and 'distill';
+    the multistep teacher for 'distill' (None where not needed).
+  """
+  dtype = models.compute_dtype(config.dtype)
+  tx, schedule = steps.make_optimizer(config.optim)
+  graphdef, state, state_sh = steps.create_train_state(
+      lambda rngs: models.build_denoiser(config.model, rngs, dtype), config, mesh, tx)
+  out = dict(graphs=steps.Graphs(graphdef, None, None), state=state, state_sh=state_sh, tx=tx,
+             schedule=schedule, frozen=None, teacher=None, teacher_sh=None)
+  if what == "denoiser":
+    return out
+
+  def shard(abstract):
+    return sharding.param_shardings(abstract, mesh, config.sharding_rules)
+
+  enc_graph, enc_params = models.build_encoder(config.encoder, dtype, shard)
+  ae_graph, ae_params = models.build_autoencoder(config.autoencoder, shard)
+  out["frozen"] = {"encoder": enc_params, "autoencoder": ae_params}
+  teacher_graph = None
+  if what == "distill":
+    teacher_config = config.model.copy_and_resolve_references()
+    teacher_config.overrides.one_step = False
+
+    def teacher():
+      return models.build_denoiser(teacher_config, nnx.Rngs(config.seed + 1), dtype)
+
+    teacher_graph, abstract = nnx.split(nnx.eval_shape(teacher), nnx.Param)
+    out["teacher_sh"] = shard(abstract)
+    out["teacher"] = jax.jit(lambda: nnx.state(teacher(), nnx.Param).to_pure_dict(),
+                             out_shardings=out["teacher_sh"])()
+  out["graphs"] = steps.Graphs(graphdef, enc_graph, ae_graph, teacher_graph)
+  return out
+
+
+_ARRAYS = ("state", "frozen", "teacher")
+
+
+def _abstract(build):
+  """Runs `build() -> dict` without allocating: its `_ARRAYS` entries as ShapeDtypeStructs."""
+  built = {}
+
+  def arrays():
+    built.update(build())
+    return {k: built[k] for k in _ARRAYS}
+
+  abstract = jax.eval_shape(arrays)
+  return {**built, **abstract}
+
+
+def _hq_shape(config):
+  return (config.batch_size, config.data.resolution, config.data.resolution, 3)
+
+
+def _latent_shapes(config, mesh):
+  """ShapeDtypeStructs of `steps.encode_batch`'s output (tokens, lr_latent, hr_latent)."""
+  nets = _abstract(lambda: _networks("train", config, mesh))
+  hq = jax.ShapeDtypeStruct(_hq_shape(config), np.uint8)
+  return jax.eval_shape(
+      lambda frozen, batch: steps.encode_batch(nets["graphs"], frozen, batch,
+                                               jax.random.PRNGKey(0), config),
+      nets["frozen"], {"hq": hq})
+
+
+def _jit_step(what, nets, config, mesh):
+  """The jitted step of `what`, state donated: 'denoiser' f(state, latents), 'train'
+  f(state, frozen, batch), 'distill' f(state, teacher, frozen, batch)."""
+  if what == "denoiser":
+    fn = functools.partial(steps.denoiser_step, graphs=nets["graphs"], config=config,
+                           tx=nets["tx"], schedule=nets["schedule"])
+    return jax.jit(fn, in_shardings=(nets["state_sh"], sharding.batch_sharding(mesh)),
+                   out_shardings=(nets["state_sh"], sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+  rep = sharding.replicated(mesh)
+  # Abstract (FLOP counting) parameters carry no sharding: replicated is as good as any there.
+  frozen_sh = jax.tree.map(lambda x: getattr(x, "sharding", None) or rep, nets["frozen"])
+  args = (config, nets["graphs"], nets["tx"], nets["schedule"], nets["state_sh"])
+  if what == "train":
+    return steps.jit_train_step(*args, frozen_sh, mesh)
+  return steps.jit_distill_step(*args, nets["teacher_sh"], frozen_sh, mesh)
+
+
+def _step_args(what, nets, config, mesh):
+  """Arguments of `_jit_step`: random data (abstract when `nets` is) of the config's shapes."""
+  abstract = isinstance(nets["state"].step, jax.ShapeDtypeStruct)
+  if what == "denoiser":
+    shapes = _latent_shapes(config, mesh)
+    if abstract:
+      return nets["state"], shapes
+
+    def draw():
+      keys = jax.random.split(jax.random.PRNGKey(config.seed), len(shapes))
+      return {k: jax.random.normal(key, s.shape, s.dtype)
+              for key, (k, s) in zip(keys, sorted(shapes.items()))}
+
+    return nets["state"], jax.jit(draw, out_shardings=sharding.batch_sharding(mesh))()
+  shape = _hq_shape(config)
+  if abstract:
+    batch = {"hq": jax.ShapeDtypeStruct(shape, np.uint8)}
+  else:
+    local = (shape[0] // jax.process_count(),) + shape[1:]
+    hq = np.random.default_rng(config.seed).integers(0, 256, local, np.uint8)
+    batch = sharding.shard_batch({"hq": hq}, mesh)
+  teacher = (nets["teacher"],) if what == "distill" else ()
+  return (nets["state"], *teacher, nets["frozen"], batch)
+
+
+def _step_flops(what, config, mesh, lowered):
+  """(FLOPs of one global step, how they were counted) from XLA's cost analysis.
+
+  The cost analysis counts a `lax.scan` body once, not once per layer, so a scanned config is
+  lowered again, abstractly (nothing allocated or compiled), with its block stacks unrolled.
+  """
+  source = "xla_cost_analysis(lowered step)"
+  if config.model.scan or config.encoder.scan:
+    config = _unrolled(config)
+    nets = _abstract(lambda: _networks(what, config, mesh))
+    lowered = _jit_step(what, nets, config, mesh).lower(*_step_args(what, nets, config, mesh))
+    source = "xla_cost_analysis(lowered step, model.scan=encoder.scan=False)"
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None, None
+  return float(cost["flops"]), source
+
+
+def bench_step(what, config, mesh, *, num_steps, warmup, peak_tflops=None):
+  """Times the 'denoiser', 'train' or 'distill' step of `config` on `mesh` (module docstring).
+
+  Returns:
+    JSON-able dict: compile_s, the `time_fn` statistics, images_per_s, flops_per_step,
+    flops_source, tflops_per_s (all devices), peak_tflops_per_device, peak_source, mfu (or None),
+    and the input shapes.
+  """
+  nets = _networks(what, config, mesh)
+  fn = _jit_step(what, nets, config, mesh)
+  args = _step_args(what, nets, config, mesh)
+  start = time.perf_counter()
+  lowered = fn.lower(*args)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  flops, flops_source = _step_flops(what, config, mesh, lowered)
+  shapes = {k: list(v.shape) for k, v in args[-1].items()}
+  timing = time_fn(compiled, args, num_steps, warmup, update=lambda a, out: (out[0],) + a[1:])
+  median = timing["median_s"]
+  peak, peak_source = peak_flops(jax.devices()[0].device_kind, config.dtype, peak_tflops)
+  return dict(
+      compile_s=compile_s, **timing, batch_size=config.batch_size, shapes=shapes,
+      images_per_s=config.batch_size / median,
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nets["state"].params)),
+      flops_per_step=flops, flops_source=flops_source,
+      tflops_per_s=None if flops is None else flops / median / 1e12,
+      peak_tflops_per_device=None if peak is None else peak / 1e12, peak_source=peak_source,
+      mfu=None if flops is None or peak is None else flops / median / (peak * mesh.size))
+
+
+def bench_degradation(config, *, batch, size, num_steps, warmup):
+  """Times the jitted degradation chain of `config.degradation` on a random float batch."""
+  fn = degradation.make_degrade(config.degradation)
+  key = jax.random.PRNGKey(config.seed)
+  hq = jax.random.uniform(key, (batch, size, size, 3))
+  start = time.perf_counter()
+  compiled = fn.lower(key, hq).compile()
+  compile_s = time.perf_counter() - start
+  timing = time_fn(compiled, (key, hq), num_steps, warmup,
+                   update=lambda a, _: (jax.random.fold_in(a[0], 1), a[1]))
+  return dict(compile_s=compile_s, **timing, batch_size=batch, image_size=size,
+              images_per_s=batch / timing["median_s"])
+
+
+def bench_pipeline(config, folder, *, num_steps, warmup):
+  """Times batches of the training iterator over the images of `folder` (`config.data`)."""
+  if not folder:
+    raise ValueError("--what=pipeline needs --folder=DIR (a folder of images)")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"--folder={folder} is not a folder")
+  data = config_dict.ConfigDict({**config.data.to_dict(), "sources": [folder]})
+  iterator = pipeline.make_train_iterator(data, config.batch_size, process_index=0,
+                                          process_count=1)
+  timing = time_fn(lambda: next(iterator), (), num_steps, warmup)
+  return dict(**timing, folder=folder, batch_size=config.batch_size,
+              resolution=data.resolution, num_workers=data.num_workers,
+              images_per_s=config.batch_size / timing["median_s"])
+
+
+def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup):
+  """`inference.benchmark_sampling` of random multi-step and one-step pipelines of `config`."""
+  pairs = []
+  for item in sizes:
+    try:
+      lr_side, hr_side = (int(v) for v in item.split(":"))
+    except ValueError as e:
+      raise ValueError(f"--sizes: {item!r} is not LR_SIDE:HR_SIDE (e.g. 128:512)") from e
+    pairs.append((lr_side, hr_side))
+  return inference.benchmark_sampling(
+      inference.random_pipeline(config), inference.random_pipeline(config, one_step=True),
+      sizes=tuple(pairs), multistep_steps=sampling_steps, cfg_scale=config.eval.cfg_scale,
+      repeats=num_steps, warmup=warmup, seed=config.seed)
+
+
+def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
+        degradation_batch=8, degradation_size=512, sizes=("128:512", "256:1024"),
+        sampling_steps=25):
+  """Runs benchmark `what` (one of `MODES`) on `config`; arguments as the flags of the same names.
+
+  Returns:
+    JSON-able dict: the mode's figures plus what, model_variant, dtype, device_kind,
+    device_count, process_count, backend, jax_version, weights and host_load_avg.
+  """
+  if what not in MODES:
+    raise ValueError(f"--what={what!r} must be one of {MODES}")
+  jax.config.update("jax_threefry_partitionable", True)
+  config = _random_weights(config)
+  if what == "distill" and config.kind != "onestep":
+    raise ValueError(f"--what=distill needs a one-step config (config.kind='onestep', "
+                     f"configs/onestep.py), not config.kind={config.kind!r}")
+  if what in ("denoiser", "train", "distill"):
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    result = bench_step(what, config, mesh, num_steps=num_steps, warmup=warmup,
+                        peak_tflops=peak_tflops)
+  elif what == "degradation":
+    result = bench_degradation(config, batch=degradation_batch, size=degradation_size,
+                               num_steps=num_steps, warmup=warmup)
+  elif what == "pipeline":
+    result = bench_pipeline(config, folder, num_steps=num_steps, warmup=warmup)
+  else:
+    result = bench_sampling(config, sizes=sizes, sampling_steps=sampling_steps,
+                            num_steps=num_steps, warmup=warmup)
+  device = jax.devices()[0]
+  return {**dict(what=what, model_variant=config.model.variant, dtype=config.dtype,
+                 device_kind=device.device_kind, device_count=jax.device_count(),
+                 process_count=jax.process_count(), backend=jax.default_backend(),
+                 jax_version=jax.__version__, weights="random",
+                 host_load_avg=list(os.getloadavg()), host=platform.node()), **result}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config_flag = flags.FLAGS["config"]
+  result = dict(
+      command="python -m vosr_jax.bench " + " ".join(sys.argv[1:]),
+      config=config_flags.get_config_filename(config_flag),
+      config_overrides={k: str(v)
+                        for k, v in config_flags.get_override_values(config_flag).items()},
+      **run(_CONFIG.value, _WHAT.value, num_steps=_STEPS.value, warmup=_WARMUP.value,
+            peak_tflops=_PEAK_TFLOPS.value, folder=_FOLDER.value,
+            degradation_batch=_DEGRADATION_BATCH.value,
+            degradation_size=_DEGRADATION_SIZE.value, sizes=_SIZES.value,
+            sampling_steps=_SAMPLING_STEPS.value))
+  text = json.dumps(result, indent=2)
+  print(text)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
