@@ -135,6 +135,21 @@ def is_train_workdir(path):
   return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
+def latest_train_config(workdir):
+  """(step, config dict) of the latest committed checkpoint of a training workdir.
+
+  Raises:
+    FileNotFoundError: when the workdir holds no committed checkpoint.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no committed training checkpoint")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return step, saved.config
+
+
 def load_train_ema(workdir, abstract_params):
   """The EMA parameters of the latest checkpoint of a training workdir.
 
@@ -146,13 +161,9 @@ def load_train_ema(workdir, abstract_params):
   Raises:
     FileNotFoundError: when the workdir holds no committed checkpoint.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no committed training checkpoint")
-    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    item = {"ema_params": abstract_params}
+  step, config = latest_train_config(workdir)
+  item = {"ema_params": abstract_params}
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)))

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from vosr_jax import checkpoint, models, sampling
@@ -140,29 +139,20 @@ def _converted_autoencoder(found, path):
   return graphdef, params
 
 
-def _train_config(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = manager.latest_step()
-  if step is None:
-    raise _no_model(workdir)
-  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-  return manager, step, ml_collections.ConfigDict(config)
-
-
 def _workdir_denoiser(workdir, dtype):
   """(graphdef, EMA params, config, description) of the latest step of a training workdir."""
-  manager, step, config = _train_config(workdir)
+  try:
+    _, config = checkpoint.latest_train_config(workdir)
+  except FileNotFoundError:
+    raise _no_model(workdir) from None
+  config = ml_collections.ConfigDict(config)
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: models.build_denoiser(config.model, nnx.Rngs(0), dtype)), nnx.Param)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                         abstract.to_pure_dict())
-  item = {"ema_params": target}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))
-  manager.close()
-  return graphdef, restored.state["ema_params"], config, f"{workdir} (step {step}, EMA)"
+  ema_params, step, _ = checkpoint.load_train_ema(workdir, target)
+  return graphdef, ema_params, config, f"{workdir} (step {step}, EMA)"
 
 
 def load_pipeline(path, *, encoder=None, autoencoder=None, dtype="float32"):
