@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test install clean
+.PHONY: test install clean demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,3 +18,39 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# make demo: the VOSR recipe at demo scale through the public entry points (docs_demo.md), into
+# $(WORKDIR): data/, multistep/ and onestep/ (training workdirs), sr/{bicubic,multistep,onestep}/
+# (held-out outputs with metrics.json), report/ and report.md. A quick run:
+#   make demo WORKDIR=/tmp/d MS_FLAGS=--config.total_steps=2 OS_FLAGS=--config.total_steps=2
+WORKDIR ?= runs/demo
+DATA = $(WORKDIR)/data
+SR = $(WORKDIR)/sr
+MS_FLAGS ?=
+OS_FLAGS ?=
+MS_STEPS ?= 4
+SAMPLE_FLAGS ?= --tile-size=64 --tile-overlap=16 --cfg-scale=1.0 --color-fix=none --overwrite
+METRICS ?= psnr,ssim,niqe
+TIMED = $(PY) -m vosr_jax.demo time --log=$(WORKDIR)/timings.json
+
+demo: $(STAMP)
+	rm -rf $(WORKDIR)/timings.json $(WORKDIR)/multistep $(WORKDIR)/onestep $(SR)
+	$(TIMED) prepare -- $(PY) -m vosr_jax.demo prepare --out=$(DATA)
+	$(TIMED) train_multistep -- $(PY) -m vosr_jax.main --config=configs/multistep.py:demo \
+	  --workdir=$(WORKDIR)/multistep --config.data.sources=$(DATA)/train $(MS_FLAGS)
+	$(TIMED) distill_onestep -- $(PY) -m vosr_jax.main --config=configs/onestep.py:demo \
+	  --workdir=$(WORKDIR)/onestep --config.data.sources=$(DATA)/train \
+	  --config.model.path=$(WORKDIR)/multistep $(OS_FLAGS)
+	$(TIMED) sample_multistep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/multistep \
+	  --input=$(DATA)/heldout_lr --output=$(SR)/multistep --steps=$(MS_STEPS) $(SAMPLE_FLAGS)
+	$(TIMED) sample_onestep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/onestep \
+	  --input=$(DATA)/heldout_lr --output=$(SR)/onestep $(SAMPLE_FLAGS)
+	$(TIMED) bicubic -- $(PY) -m vosr_jax.demo bicubic --input=$(DATA)/heldout_lr \
+	  --output=$(SR)/bicubic
+	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/bicubic --gt=$(DATA)/heldout_hr \
+	  --metrics=$(METRICS)
+	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/multistep \
+	  --gt=$(DATA)/heldout_hr --metrics=$(METRICS)
+	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/onestep --gt=$(DATA)/heldout_hr \
+	  --metrics=$(METRICS)
+	$(PY) -m vosr_jax.demo report --workdir=$(WORKDIR)

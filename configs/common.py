@@ -83,6 +83,10 @@ def get_base_config():
   config.autoencoder.seed = 0  # Only for init='random'.
 
   config.objective = ml_collections.ConfigDict()
+  # What the flow generates: 'latent' (official: the HR latent) or 'residual' (a departure, used by
+  # the demo: (HR latent - LR latent) / residual_scale; the samplers add the LR latent back).
+  config.objective.target = "latent"
+  config.objective.residual_scale = 1.0  # Only for target='residual'.
   config.objective.time_dist = "uniform"  # 'uniform' or 'logit_normal'.
   config.objective.time_mu = 0.0  # logit_normal: t = sigmoid(N(mu, sigma^2)).
   config.objective.time_sigma = 1.0
@@ -100,6 +104,7 @@ def get_base_config():
   config.optim.weight_decay = 0.01  # On every parameter (official).
   config.optim.grad_clip_norm = 1.0
   config.optim.warmup_steps = 0  # Linear warm-up from 0, then constant.
+  config.optim.decay_steps = 0  # > 0: cosine decay to 0 over this many steps after the warm-up.
 
   config.log_every_steps = 50
   config.checkpoint = ml_collections.ConfigDict()

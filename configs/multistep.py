@@ -6,7 +6,10 @@ Variants (`--config=configs/multistep.py:VARIANT`):
   1.4b         the paper's 1.4B model: Qwen-Image 2D VAE, DINOv2 ViT-L/14 block 17, from scratch.
   bench-small  a 384/12/6 DiT on 32x32 SD latents (256 px crops), 1024 ViT-B tokens, batch 4, with
                random frozen networks: throughput measurements only.
-  tiny         pixel-space toy (64 px crops, tiny DiT and ViT, random frozen ViT) for tests/demos.
+  tiny         pixel-space toy (64 px crops, tiny DiT and ViT, random frozen ViT) for tests.
+  demo         `make demo` (vosr_jax/demo.py): tiny plus a 128-wide, 4-deep DiT, batch 32, cosine
+               lr, the residual target and a clean bicubic x4 degradation, on the skimage photos
+               that `python -m vosr_jax.demo prepare` writes to runs/demo/data/train.
 
 Launch (single host):
   python -m vosr_jax.main --config=configs/multistep.py:0.5b --workdir=/ckpt/vosr05b \
@@ -19,7 +22,7 @@ from configs import common
 
 
 def get_config(arg="0.5b"):
-  """Returns the locked config of `arg` ('0.5b', '1.4b', 'bench-small' or 'tiny')."""
+  """Returns the locked config of `arg` ('0.5b', '1.4b', 'bench-small', 'tiny' or 'demo')."""
   config = variant_config(common.parse_arg(arg, variant="0.5b").variant)
   config.lock()
   return config
@@ -43,7 +46,7 @@ def variant_config(variant):
     config.batch_size = 4
     config.encoder.init = "random"
     config.autoencoder.init = "random"
-  elif variant == "tiny":
+  elif variant in ("tiny", "demo"):
     # Pixel space (3 channels), 4x4 patches of 64 px crops (16x16 tokens), tiny-ViT width 64.
     config.model.variant = "tiny"
     config.model.overrides = dict(latent_channels=3, enc_dim=64, patch_size=4, rope_grid=16)
@@ -69,7 +72,54 @@ def variant_config(variant):
     config.eval.num_images = 2
     config.eval.num_steps = 4
     config.eval.cfg_scale = 0.5
+    if variant == "demo":
+      demo_overrides(config)
   else:
     raise ValueError(f"configs/multistep.py: unknown variant {variant!r}; expected 0.5b, 1.4b, "
-                     "bench-small or tiny")
+                     "bench-small, tiny or demo")
   return config
+
+
+DEMO_WORKDIR = "runs/demo"  # `make demo`'s default WORKDIR.
+DEMO_DATA = f"{DEMO_WORKDIR}/data"  # Where `python -m vosr_jax.demo prepare` writes by default.
+
+
+def demo_overrides(config):
+  """The `demo` variant's changes to `tiny` (configs/onestep.py:demo starts from them too).
+
+  Timings and held-out results on 2 CPU cores are in docs_demo.md.
+  The frozen ViT stays the tiny DINOv2 architecture with random weights (logged loudly); point
+  config.encoder.path at converted DINOv2 weights (with the matching config.encoder.variant and
+  tap_layer) to use real ones.
+  """
+  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4)
+  config.data.sources = f"{DEMO_DATA}/train"
+  config.batch_size = 32
+  config.total_steps = 450
+  config.optim.lr = 1e-3
+  # Cosine decay to 0 at the last step, whatever --config.total_steps says.
+  config.optim.decay_steps = config.get_ref("total_steps")
+  config.ema_decay = 0.995
+  # Generate the scaled residual HR - upsampled LR (std about 1 on these photos), not the HR.
+  config.objective.target = "residual"
+  config.objective.residual_scale = 0.1
+  config.log_every_steps = 25
+  config.checkpoint.every_steps = 1000  # And at the last step.
+  config.eval.every_steps = 0  # Held-out evaluation is `make demo`'s sample + evaluate.
+  config.eval.cfg_scale = 1.0
+  # Clean bicubic x4 (PyTorch's, no antialiasing) through the same chain: no blur, noise or sinc;
+  # JPEG at quality 99 (steps below one 8-bit level; quality 100 divides by zero in DiffJPEG's
+  # tables). `python -m vosr_jax.demo prepare` makes the held-out LR with it too.
+  d = config.degradation
+  d.resize_modes = ("bicubic",)
+  d.kernel_prob = d.kernel_prob2 = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+  d.kernel_sizes = (7,)
+  d.kernel_pad_to = 7
+  d.resize_range = d.resize_range2 = (1.0, 1.0)  # Also keeps the chain's canvases at the crop size.
+  d.blur_sigma = d.blur_sigma2 = (0.1, 0.1)
+  d.sinc_prob = d.sinc_prob2 = d.final_sinc_prob = d.second_blur_prob = 0.0
+  d.resize_prob = d.resize_prob2 = (0.0, 0.0, 1.0)
+  d.gaussian_noise_prob = d.gaussian_noise_prob2 = 1.0
+  d.noise_range = d.noise_range2 = (0.0, 0.0)
+  d.gray_noise_prob = d.gray_noise_prob2 = 0.0
+  d.jpeg_range = d.jpeg_range2 = (99.0, 99.0)

@@ -11,7 +11,9 @@ settings of the official YAMLs (lr 2e-5, global batch 32, 100001 steps, checkpoi
 every 5k, teacher guidance 0.5 with weak strength 0.1):
   0.5b, 1.4b   the paper's models.
   bench-small  throughput measurements (random frozen networks).
-  tiny         pixel-space toy for tests/demos (distils a configs/multistep.py:tiny workdir).
+  tiny         pixel-space toy for tests (distils a configs/multistep.py:tiny workdir).
+  demo         `make demo`: distils the configs/multistep.py:demo workdir (default
+               runs/demo/multistep) with unguided teacher targets (cfg 1), batch 8, cosine lr.
 
 Launch (single host):
   python -m vosr_jax.main --config=configs/onestep.py:0.5b --workdir=/ckpt/vosr05b_1step \
@@ -26,7 +28,7 @@ from configs import common, multistep
 
 
 def get_config(arg="0.5b"):
-  """Returns the locked config of `arg` ('0.5b', '1.4b', 'bench-small' or 'tiny')."""
+  """Returns the locked config of `arg` ('0.5b', '1.4b', 'bench-small', 'tiny' or 'demo')."""
   variant = common.parse_arg(arg, variant="0.5b").variant
   config = multistep.variant_config(variant)
   config.kind = "onestep"
@@ -59,5 +61,15 @@ def get_config(arg="0.5b"):
     config.optim.lr = 1e-3
     config.checkpoint.every_steps = 50
     config.eval.every_steps = 50
+  elif variant == "demo":
+    # Step count and lr sized for `make demo` on 2 CPU cores (docs_demo.md); the cosine decay of
+    # configs/multistep.py:demo follows total_steps.
+    config.model.path = f"{multistep.DEMO_WORKDIR}/multistep"
+    config.batch_size = 8
+    config.total_steps = 120
+    config.optim.lr = 2e-4
+    config.checkpoint.every_steps = 1000  # And at the last step.
+    config.eval.every_steps = 0
+    config.distill.cfg_scale = 1.0  # The multi-step demo samples without guidance too.
   config.lock()
   return config

@@ -10,7 +10,8 @@
   * a single converted denoiser checkpoint (kind 'dit').
 `encoder=` / `autoencoder=` point at other converted folders for the frozen networks (they win over
 what the checkpoint names). Multi-step or one-step is read off the denoiser: one-step students have
-an `r_embedder`.
+an `r_embedder`. A training workdir's `config.objective.target` tells whether the denoiser generates
+the latent (official; always so for converted checkpoints) or the scaled residual.
 """
 import dataclasses
 import functools
@@ -25,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from vosr_jax import checkpoint, models, sampling
+from vosr_jax import checkpoint, models, objectives, sampling
 from vosr_jax.models import dit, qwen_vae, vae, vit
 
 # Official VOSR tap layers by DINOv2 width (VOSR_SPEC.md §2), for converted encoders whose
@@ -173,9 +174,10 @@ def load_pipeline(path, *, encoder=None, autoencoder=None, dtype="float32"):
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such checkpoint folder")
   compute = models.compute_dtype(dtype)
-  found = {}
+  found, scale = {}, None
   if os.path.isdir(os.path.join(path, "checkpoints")):
     den_graph, den_params, config, source = _workdir_denoiser(path, compute)
+    scale = objectives.residual_scale(config.objective)
     tap, size = config.encoder.tap_layer, config.encoder.image_size
     if encoder is None:
       enc_graph, enc_params = models.build_encoder(config.encoder, compute)
@@ -205,7 +207,7 @@ def load_pipeline(path, *, encoder=None, autoencoder=None, dtype="float32"):
   networks = sampling.Networks(
       denoiser=den_graph, encoder=enc_graph, autoencoder=ae_graph, tap_layer=int(tap),
       encoder_size=int(size), downsample=ae.downsample, patch_size=denoiser.patch_size,
-      one_step=denoiser.r_embedder is not None)
+      one_step=denoiser.r_embedder is not None, residual_scale=scale)
   params = {"denoiser": den_params, "encoder": enc_params, "autoencoder": ae_params}
   return Pipeline(networks, params, source)
 
@@ -226,7 +228,8 @@ def random_pipeline(config, *, one_step=False):
   networks = sampling.Networks(
       denoiser=den_graph, encoder=enc_graph, autoencoder=ae_graph,
       tap_layer=config.encoder.tap_layer, encoder_size=config.encoder.image_size,
-      downsample=ae.downsample, patch_size=denoiser.patch_size, one_step=one_step)
+      downsample=ae.downsample, patch_size=denoiser.patch_size, one_step=one_step,
+      residual_scale=objectives.residual_scale(config.objective))
   params = {"denoiser": den_params.to_pure_dict(), "encoder": enc_params,
             "autoencoder": ae_params}
   return Pipeline(networks, params, "random")

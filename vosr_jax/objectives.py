@@ -3,6 +3,11 @@
 Conventions: latents NHWC; flow time t in [0, 1] with t = 1 pure noise; `z_t = (1 - t) x + t eps`;
 the network predicts the velocity `eps - x`.
 
+What the flow generates (`config.objective.target`): 'latent' (official) x = the HR latent;
+'residual' (a departure used by the demo) x = (HR latent - LR latent) / `residual_scale`, the
+scaled correction of the upsampled LR. `to_flow` and `from_flow` are the one place that maps
+between the two; the samplers integrate the same flow in latent space (`sampling.latent_velocity`).
+
 Every objective has the shape of kvfrans/shortcut-models' `get_targets`:
 
     targets_xxx(key, config, latents, ...) -> (inputs, target, info)
@@ -24,6 +29,38 @@ the sub-steps that build targets). `rcgm_target` and `shortcut_target` share one
 """
 import jax
 import jax.numpy as jnp
+
+
+TARGETS = ("latent", "residual")
+
+
+def residual_scale(config):
+  """The residual scale s of the objective config, or None for the official latent target.
+
+  Args:
+    config: the objective config (`target`, `residual_scale`); a config without `target` (saved
+      before the field existed) is the official 'latent'.
+  Raises:
+    ValueError naming the field: an unknown target or a non-positive scale.
+  """
+  target = config.get("target", "latent")
+  if target not in TARGETS:
+    raise ValueError(f"config.objective.target={target!r} must be one of {TARGETS}")
+  if target == "latent":
+    return None
+  if not config.residual_scale > 0:
+    raise ValueError(f"config.objective.residual_scale={config.residual_scale} must be > 0")
+  return float(config.residual_scale)
+
+
+def to_flow(latent, lr_latent, scale):
+  """The flow's data space from latent space: `latent` (scale None) or (latent - lr) / scale."""
+  return latent if scale is None else (latent - lr_latent) / scale
+
+
+def from_flow(x, lr_latent, scale):
+  """The inverse of `to_flow`: `x` (scale None) or lr + scale * x."""
+  return x if scale is None else lr_latent + scale * x
 
 
 def sample_time(key, batch, config):
@@ -105,15 +142,16 @@ def targets_multistep(key, config, latents):
 
   Args:
     key: PRNG key; split into one key per purpose below.
-    config: the objective config (`time_dist`, `time_mu`, `time_sigma`, `cond_strength_mu`,
-      `cond_strength_sigma`, `cfg_ratio`, `weak_strength_range`, `weak_strength_per_sample`).
+    config: the objective config (`target`, `residual_scale`, `time_dist`, `time_mu`,
+      `time_sigma`, `cond_strength_mu`, `cond_strength_sigma`, `cfg_ratio`,
+      `weak_strength_range`, `weak_strength_per_sample`).
     latents: dict with `hr_latent`, `lr_latent` (B, H, W, C) and `tokens` (B, N, D).
   Returns:
-    (inputs, target, info): denoiser keyword inputs, the (B, H, W, C) velocity target, and
-    scalars `weak_fraction`, `weak_strength`, `t_mean`.
+    (inputs, target, info): denoiser keyword inputs, the (B, H, W, C) velocity target (in the
+    flow space of `config.target`), and scalars `weak_fraction`, `weak_strength`, `t_mean`.
   """
   k_time, k_eps, k_cond = jax.random.split(key, 3)
-  x = latents["hr_latent"]
+  x = to_flow(latents["hr_latent"], latents["lr_latent"], residual_scale(config))
   # 1. Time and noise.
   t = sample_time(k_time, x.shape[0], config)
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
@@ -262,8 +300,9 @@ def distill_inputs(key, config, distill_config, latents, teacher):
 
   Args:
     key: PRNG key; split into time, noise and condition keys.
-    config: the objective config (see `conditions`; `weak_strength_range` (0.1, 0.1) gives the
-      official fixed weak strength).
+    config: the objective config (see `conditions`; `target`/`residual_scale` as in
+      `targets_multistep`; `weak_strength_range` (0.1, 0.1) gives the official fixed weak
+      strength).
     distill_config: `beta_a`, `beta_b`, `cfg_scale`, `t_start`, `t_end`.
     latents: dict with `hr_latent`, `lr_latent` (B, H, W, C) and `tokens` (B, N, D).
     teacher: inputs -> velocity (B, H, W, C), the frozen multistep model.
@@ -273,7 +312,8 @@ def distill_inputs(key, config, distill_config, latents, teacher):
     `weak_strength`, `t_mean`, `r_mean`.
   """
   k_time, k_eps, k_cond = jax.random.split(key, 3)
-  x, lr, tokens = latents["hr_latent"], latents["lr_latent"], latents["tokens"]
+  lr, tokens = latents["lr_latent"], latents["tokens"]
+  x = to_flow(latents["hr_latent"], lr, residual_scale(config))
   batch = x.shape[0]
   # 1. Times, noise and conditions (the weak strength w also weakens the teacher's weak branch).
   t, r = distill_times(k_time, batch, distill_config)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vosr_jax import color_fix
+from vosr_jax import color_fix, objectives
 from vosr_jax.models import vit
 
 # Gaussian blend weights of a tile: exp(-((y - (n-1)/2) / n)^2 / 0.02) per axis (spec §6.5).
@@ -66,6 +66,30 @@ def plain_velocity(apply_fn):
   return velocity
 
 
+def latent_velocity(velocity, residual_scale):
+  """`velocity` (of the flow the denoiser learnt) as the velocity of the latent.
+
+  With the official latent target (`residual_scale` None) the two are the same. With the residual
+  target the denoiser's flow lives in x = `objectives.to_flow`(z, lr) = (z - lr) / s; Euler steps
+  on z = lr + s x with the velocity s * v(x) are exactly Euler steps on x, so the samplers keep
+  one latent-space state whatever the target (start: `objectives.from_flow`(noise, lr)).
+
+  Args:
+    velocity: (z, lr, t, tokens, r) -> velocity in the denoiser's flow space.
+    residual_scale: s, or None.
+  Returns:
+    (z, lr, t, tokens, r) -> latent-space velocity.
+  """
+  if residual_scale is None:
+    return velocity
+
+  def wrapped(z, lr, t, tokens, r):
+    x = objectives.to_flow(z, lr, residual_scale)
+    return residual_scale * velocity(x, lr, t, tokens, r)
+
+  return wrapped
+
+
 def time_grid(num_steps):
   """t_k = linspace(1, 0, N + 1): (N + 1,) float32."""
   return jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32)
@@ -93,30 +117,36 @@ def _integrate(field, noise, num_steps, with_r):
 
 
 def sample_multistep(apply_fn, lr_latent, tokens, noise, *, num_steps=25, cfg_scale=0.5,
-                     weak_strength=0.15, tiles=None):
+                     weak_strength=0.15, tiles=None, residual_scale=None):
   """Guided Euler from t = 1 (noise) to 0 (spec §6.3): 2N denoiser evaluations per image.
 
   Args:
     apply_fn: the denoiser, see `guided_velocity`.
     lr_latent: (B, h, w, C) clean LR latent.
     tokens: (B, N, D) encoder tokens, or (T, B, N, D) per tile when `tiles` is given.
-    noise: (B, h, w, C) z_1, drawn once for the whole latent.
+    noise: (B, h, w, C) the latent z_1 at t = 1: `objectives.from_flow`(N(0, I) noise, lr),
+      drawn once for the whole latent (the noise itself for the official latent target).
     num_steps: N.
     cfg_scale, weak_strength: see `guided_velocity`.
     tiles: None (whole latent) or a `Tiles` layout.
+    residual_scale: None (official latent target) or the residual target's scale, see
+      `latent_velocity`.
   Returns:
-    (B, h, w, C) float32 z_0.
+    (B, h, w, C) float32 latent z_0.
   """
-  field = make_field(guided_velocity(apply_fn, cfg_scale, weak_strength), lr_latent, tokens, tiles)
+  velocity = latent_velocity(guided_velocity(apply_fn, cfg_scale, weak_strength), residual_scale)
+  field = make_field(velocity, lr_latent, tokens, tiles)
   return _integrate(field, noise, num_steps, with_r=False)
 
 
-def sample_onestep(apply_fn, lr_latent, tokens, noise, *, num_steps=1, tiles=None):
+def sample_onestep(apply_fn, lr_latent, tokens, noise, *, num_steps=1, tiles=None,
+                   residual_scale=None):
   """One-step student sampling (spec §6.4): z <- z - (t_k - t_{k+1}) u(z, t_k, r = t_{k+1}).
 
-  Args: as `sample_multistep`, without guidance. Returns: (B, h, w, C) float32 z_0.
+  Args: as `sample_multistep`, without guidance. Returns: (B, h, w, C) float32 latent z_0.
   """
-  field = make_field(plain_velocity(apply_fn), lr_latent, tokens, tiles)
+  field = make_field(latent_velocity(plain_velocity(apply_fn), residual_scale), lr_latent, tokens,
+                     tiles)
   return _integrate(field, noise, num_steps, with_r=True)
 
 
@@ -307,6 +337,8 @@ class Networks:
     downsample: autoencoder factor d.
     patch_size: denoiser patch p (latent sides must be multiples of it).
     one_step: a one-step student (has an r embedder) or a multi-step model.
+    residual_scale: None (the official latent target) or the scale of a denoiser trained with
+      `config.objective.target='residual'` (`objectives.residual_scale`).
   """
   denoiser: Any = dataclasses.field(repr=False)
   encoder: Any = dataclasses.field(repr=False)
@@ -316,6 +348,7 @@ class Networks:
   downsample: int
   patch_size: int
   one_step: bool
+  residual_scale: float | None = None
 
   @property
   def multiple(self):
@@ -384,7 +417,8 @@ def prepare(networks, params, images, keys, settings):
     keys: (B,) per-image PRNG keys (`image_key`); row i depends only on images[i] and keys[i].
     settings: `Settings`.
   Returns:
-    dict(z (B, h, w, C) noise, lr_latent (B, h, w, C), tokens (B, N, D) or (T, B, N, D) per tile).
+    dict(z (B, h, w, C) the latent at t = 1 (see `sample_multistep`), lr_latent (B, h, w, C),
+    tokens (B, N, D) or (T, B, N, D) per tile).
   """
   m = _modules(networks, params)
   h, w = images.shape[1:3]
@@ -398,6 +432,7 @@ def prepare(networks, params, images, keys, settings):
 
   lr_latent = jax.vmap(encode_one)(padded, split[:, 0])
   noise = jax.vmap(lambda k: jax.random.normal(k, lr_latent.shape[1:], jnp.float32))(split[:, 1])
+  noise = objectives.from_flow(noise, lr_latent, networks.residual_scale)
   tiles = layout(networks, (h, w), settings)
   if tiles is None:
     tokens = _tokens(m["encoder"], networks, padded)
@@ -418,8 +453,10 @@ def _apply_fn(networks, params):
 def _velocity(networks, params, settings):
   apply_fn = _apply_fn(networks, params)
   if networks.one_step:
-    return plain_velocity(apply_fn)
-  return guided_velocity(apply_fn, settings.cfg_scale, settings.weak_strength)
+    velocity = plain_velocity(apply_fn)
+  else:
+    velocity = guided_velocity(apply_fn, settings.cfg_scale, settings.weak_strength)
+  return latent_velocity(velocity, networks.residual_scale)
 
 
 def step(networks, params, state, k, settings):
@@ -465,9 +502,11 @@ def super_resolve(networks, params, images, keys, settings):
   apply_fn = _apply_fn(networks, params)
   if networks.one_step:
     z = sample_onestep(apply_fn, state["lr_latent"], state["tokens"], state["z"],
-                       num_steps=settings.num_steps, tiles=tiles)
+                       num_steps=settings.num_steps, tiles=tiles,
+                       residual_scale=networks.residual_scale)
   else:
     z = sample_multistep(apply_fn, state["lr_latent"], state["tokens"], state["z"],
                          num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
-                         weak_strength=settings.weak_strength, tiles=tiles)
+                         weak_strength=settings.weak_strength, tiles=tiles,
+                         residual_scale=networks.residual_scale)
   return finish(networks, params, z, images, settings)

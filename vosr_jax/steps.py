@@ -60,16 +60,26 @@ class Graphs:
 
 
 def make_optimizer(optim_config):
-  """AdamW with global-norm clipping and a linear warm-up to a constant learning rate.
+  """AdamW with global-norm clipping, a linear warm-up, then a constant (official) or cosine lr.
 
   Args:
     optim_config: `config.optim` (`lr`, `b1`, `b2`, `eps`, `weight_decay`, `grad_clip_norm`,
-      `warmup_steps`). Weight decay applies to every parameter, as in the official code.
+      `warmup_steps`, `decay_steps`: 0 keeps the lr constant after the warm-up (official), N > 0
+      decays it to 0 along a cosine over the N steps after the warm-up). Weight decay applies to
+      every parameter, as in the official code.
   Returns:
     (tx, schedule): the optax transformation and the step -> learning-rate function.
   """
-  schedule = optax.warmup_constant_schedule(0.0, optim_config.lr, optim_config.warmup_steps) \
-      if optim_config.warmup_steps else optax.constant_schedule(optim_config.lr)
+  decay_steps = optim_config.get("decay_steps", 0)
+  if decay_steps and optim_config.warmup_steps:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, optim_config.lr, optim_config.warmup_steps, optim_config.warmup_steps + decay_steps)
+  elif decay_steps:
+    schedule = optax.cosine_decay_schedule(optim_config.lr, decay_steps)
+  elif optim_config.warmup_steps:
+    schedule = optax.warmup_constant_schedule(0.0, optim_config.lr, optim_config.warmup_steps)
+  else:
+    schedule = optax.constant_schedule(optim_config.lr)
   tx = optax.chain(
       optax.clip_by_global_norm(optim_config.grad_clip_norm),
       optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
@@ -272,19 +282,21 @@ def sample_step(ema_params, frozen, lq, key, *, graphs, config):
   """
   k_posterior, k_noise = jax.random.split(key)
   latents = encode_images(graphs, frozen, k_posterior, lq, None, config)
-  noise = jax.random.normal(k_noise, latents["lr_latent"].shape, jnp.float32)
+  lr = latents["lr_latent"]
+  scale = objectives.residual_scale(config.objective)
+  noise = objectives.from_flow(jax.random.normal(k_noise, lr.shape, jnp.float32), lr, scale)
   model = nnx.merge(graphs.denoiser, ema_params, copy=True)
 
   def apply_fn(z, lr, t, tokens, r):
     return model(z_t=z, lr_latent=lr, t=t, tokens=tokens, r=r)
 
   if config.kind == "onestep":
-    z = sampling.sample_onestep(apply_fn, latents["lr_latent"], latents["tokens"], noise,
-                                num_steps=config.eval.num_steps)
+    z = sampling.sample_onestep(apply_fn, lr, latents["tokens"], noise,
+                                num_steps=config.eval.num_steps, residual_scale=scale)
   else:
-    z = sampling.sample_multistep(apply_fn, latents["lr_latent"], latents["tokens"], noise,
+    z = sampling.sample_multistep(apply_fn, lr, latents["tokens"], noise,
                                   num_steps=config.eval.num_steps, cfg_scale=config.eval.cfg_scale,
-                                  weak_strength=config.eval.weak_strength)
+                                  weak_strength=config.eval.weak_strength, residual_scale=scale)
   autoencoder = nnx.merge(graphs.autoencoder, frozen["autoencoder"])
   return autoencoder.decode(z)
 
