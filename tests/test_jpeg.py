@@ -55,3 +55,12 @@ def test_canvas_matches_exact_size(jpeg_fn, photos):
 def test_quality_to_factor():
   np.testing.assert_allclose(jpeg.quality_to_factor(jnp.array([10.0, 30.0, 50.0, 95.0])),
                              [5.0, 5 / 3, 1.0, 0.1], rtol=1e-6)
+
+
+def test_quality_100_is_near_lossless(jpeg_fn, photos):
+  """Factor 0 at quality 100: quantisation steps are clamped to 1 (libjpeg), not divided by 0."""
+  for img in photos.values():
+    x = img.astype(np.float32) / 255
+    out = np.asarray(jpeg_fn(x, 100.0))
+    assert np.isfinite(out).all()
+    assert psnr(out, x) > psnr(np.asarray(jpeg_fn(x, 95.0)), x)
