@@ -63,7 +63,8 @@ def get_base_config():
   config.model.path = ""
   config.model.scan = True  # lax.scan over the blocks (compile time independent of depth).
   config.model.remat_policy = config_dict.placeholder(str)  # None or a dit.REMAT_POLICIES key.
-  config.model.attention = config_dict.placeholder(str)  # None/'xla' or 'cudnn'.
+  # Attention: None (CPU 'explicit', else 'xla'), 'xla', 'cudnn' or 'explicit' (custom VJP).
+  config.model.attention = config_dict.placeholder(str)
 
   config.encoder = ml_collections.ConfigDict()
   config.encoder.variant = "B/14"  # A key of vosr_jax.models.vit.VARIANTS.

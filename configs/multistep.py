@@ -42,6 +42,7 @@ def variant_config(variant):
     config.autoencoder.variant = "qwen2d"
   elif variant == "bench-small":
     config.model.variant = "bench-small"
+    config.dtype = "float32"  # As the official PyTorch timing it is compared with.
     config.data.resolution = 256  # 32x32 SD latents.
     config.batch_size = 4
     config.encoder.init = "random"

@@ -113,7 +113,8 @@ class LightningDiT(nnx.Module):
     one_step: adds `r_embedder` (one-step students; `auxiliary_time_cond` upstream).
     scan: run the block stack with `lax.scan` (compile time independent of depth) or unrolled.
     remat_policy: None, or a key of `REMAT_POLICIES`, to rematerialise each block.
-    attention: `dot_product_attention` implementation (None/"xla" or "cudnn").
+    attention: `layers.dot_product_attention` implementation: None (the backend's fastest:
+      "explicit" on CPU, "xla" elsewhere), "xla", "cudnn" or "explicit".
     dtype: compute dtype; parameters are `param_dtype`, norms and softmax run in float32.
     rngs: initialisation randomness (stream `params`).
   """

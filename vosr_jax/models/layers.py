@@ -20,18 +20,88 @@ def init_with_axes(init, *axes):
   return nnx.with_partitioning(init, axes)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "explicit")
+
+
 def dot_product_attention(q, k, v, implementation=None):
   """Softmax attention with scale hd**-0.5 and no mask.
 
   Args:
     q: (B, Nq, H, hd); k, v: (B, Nk, H, hd).
-    implementation: None (XLA), "xla" or "cudnn" (jax.nn.dot_product_attention's choices).
+    implementation: one of `ATTENTION_IMPLEMENTATIONS`, or None for the backend's fastest:
+      "xla"      `jax.nn.dot_product_attention` lowered by XLA (default off CPU);
+      "cudnn"    `jax.nn.dot_product_attention`'s cuDNN flash kernel (NVIDIA GPUs);
+      "explicit" `explicit_attention`: head-major einsums and a hand-written VJP that recomputes
+                 the probabilities from the saved log-normaliser (default on CPU, where XLA's
+                 autodiff of the softmax and its transposed operands cost more than the matmuls).
   Returns:
     (B, Nq, H, hd) in q's dtype.
   """
-  if implementation == "xla":
-    implementation = None
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  if implementation is None:
+    implementation = "explicit" if jax.default_backend() == "cpu" else "xla"
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"layers.py: attention implementation {implementation!r} is not one of "
+                     f"{ATTENTION_IMPLEMENTATIONS} or None")
+  if implementation == "explicit":
+    return explicit_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v,
+                                      implementation=None if implementation == "xla" else "cudnn")
+
+
+def _heads_first(x):
+  """(B, N, H, hd) <-> (B, H, N, hd)."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _explicit_attention_fwd(q, k, v):
+  """Forward of `explicit_attention`; saves head-major q (scaled), k, v, the output and the
+  softmax's log-normaliser (B, H, Nq, 1), not the (Nq, Nk) probabilities."""
+  q = _heads_first(q) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  k, v = _heads_first(k), _heads_first(v)
+  logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32)
+  shift = jnp.max(logits, axis=-1, keepdims=True)
+  probs = jnp.exp(logits - shift)
+  total = jnp.sum(probs, axis=-1, keepdims=True)
+  out = jnp.einsum("bhnm,bhmd->bhnd", (probs / total).astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return _heads_first(out).astype(q.dtype), (q, k, v, out, shift + jnp.log(total))
+
+
+def _explicit_attention_bwd(residuals, grad):
+  """Softmax-attention VJP (flash-attention's formulas), P recomputed as exp(Q K^T - lse).
+
+  dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T (Q * scale); dK
+  and dV are computed as (hd, Nk) products, so that no (Nq, Nk) matrix is transposed.
+  """
+  q, k, v, out, lse = residuals
+  grad = _heads_first(grad)
+  probs = jnp.exp(jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32) - lse)
+  dprobs = jnp.einsum("bhnd,bhmd->bhnm", grad, v, preferred_element_type=jnp.float32)
+  delta = jnp.sum(grad.astype(jnp.float32) * out, axis=-1, keepdims=True)
+  dlogits = probs * (dprobs - delta)
+  dq = jnp.einsum("bhnm,bhmd->bhnd", dlogits.astype(k.dtype), k,
+                  preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  dk = jnp.einsum("bhnd,bhnm->bhdm", q, dlogits.astype(q.dtype),
+                  preferred_element_type=jnp.float32)
+  dv = jnp.einsum("bhnd,bhnm->bhdm", grad, probs.astype(grad.dtype),
+                  preferred_element_type=jnp.float32)
+  dk, dv = (jnp.transpose(a, (0, 3, 1, 2)).astype(k.dtype) for a in (dk, dv))
+  return _heads_first(dq).astype(q.dtype), dk, dv
+
+
+@jax.custom_vjp
+def explicit_attention(q, k, v):
+  """Softmax attention (scale hd**-0.5, no mask) with the VJP `_explicit_attention_bwd`.
+
+  Args:
+    q: (B, Nq, H, hd); k, v: (B, Nk, H, hd).
+  Returns:
+    (B, Nq, H, hd) in q's dtype; the logits, softmax and its gradient run in float32.
+  """
+  return _explicit_attention_fwd(q, k, v)[0]
+
+
+explicit_attention.defvjp(_explicit_attention_fwd, _explicit_attention_bwd)
 
 
 def linear(din, dout, axes, *, dtype, param_dtype=jnp.float32, rngs,

@@ -154,7 +154,8 @@ class ViT(nnx.Module):
       layerscale_init: initial LayerScale value.
       pos_interpolation: "hub" | "hf" | "antialias" (see the module docstring).
       scan_blocks: run the blocks with lax.scan (compile once) instead of an unrolled loop.
-      attention_impl: `layers.dot_product_attention` implementation (None/"xla" or "cudnn").
+      attention_impl: `layers.dot_product_attention` implementation (None: "explicit" on CPU, else
+        "xla"; or "xla", "cudnn", "explicit").
       dtype: matmul compute dtype; LayerNorm, softmax, the residual stream and outputs stay float32.
       rngs: nnx.Rngs with a 'params' stream.
     """
