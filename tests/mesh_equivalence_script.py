@@ -12,7 +12,9 @@ import jax
 import numpy as np
 
 from configs import multistep
-from vosr_jax import models, sharding, steps, train
+from vosr_jax import sharding, steps, train
+
+import train_utils  # tests/ is sys.path[0] when this file runs as a script
 
 MESHES = {"data8": dict(data=8, fsdp=1), "data2_fsdp4": dict(data=2, fsdp=4),
           "fsdp8": dict(data=1, fsdp=8)}
@@ -22,13 +24,10 @@ def run(mesh_axes, batches):
   config = multistep.get_config("tiny")
   config.mesh.data, config.mesh.fsdp = mesh_axes["data"], mesh_axes["fsdp"]
   mesh = sharding.make_mesh(config.mesh)
-  dtype = models.compute_dtype(config.dtype)
-  enc_graph, ae_graph, frozen, frozen_sh = train._frozen_networks(config, mesh, dtype)
-  tx, schedule = steps.make_optimizer(config.optim)
-  graphdef, state, state_sh = steps.create_train_state(
-      lambda rngs: models.build_denoiser(config.model, rngs, dtype), config, mesh, tx)
-  graphs = steps.Graphs(graphdef, enc_graph, ae_graph)
-  step = steps.jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh)
+  built = train_utils.build_training(config, mesh)
+  state, frozen = built["state"], built["frozen"]
+  step = steps.jit_train_step(config, built["graphs"], built["tx"], built["schedule"],
+                              built["state_sh"], built["frozen_sh"], mesh)
   losses = []
   for b in batches:
     state, metrics = step(state, frozen, sharding.shard_batch({"hq": b}, mesh))

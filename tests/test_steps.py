@@ -7,20 +7,18 @@ import optax
 import pytest
 
 from configs import multistep
-from vosr_jax import models, sharding, steps, train
+from vosr_jax import sharding, steps
+
+import train_utils
 
 
 @pytest.fixture(scope="module")
 def setup():
   config = multistep.get_config("tiny")
   mesh = sharding.make_mesh(config.mesh)
-  dtype = models.compute_dtype(config.dtype)
-  enc_graph, ae_graph, frozen, frozen_sh = train._frozen_networks(config, mesh, dtype)
-  tx, schedule = steps.make_optimizer(config.optim)
-  graphdef, state, state_sh = steps.create_train_state(
-      lambda rngs: models.build_denoiser(config.model, rngs, dtype), config, mesh, tx)
-  graphs = steps.Graphs(graphdef, enc_graph, ae_graph)
-  return dict(config=config, mesh=mesh, frozen=frozen, state=state, graphs=graphs)
+  built = train_utils.build_training(config, mesh)
+  return dict(config=config, mesh=mesh, frozen=built["frozen"], state=built["state"],
+              graphs=built["graphs"])
 
 
 def test_optimizer_schedule_and_decay_on_all_params():

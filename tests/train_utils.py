@@ -1,5 +1,6 @@
 """Helpers shared by the training-loop tests (test_train.py, test_distill.py): command lines of
-`python -m vosr_jax.main` on the `tiny` configs, their environment, and reading back results."""
+`python -m vosr_jax.main` on the `tiny` configs, their environment, reading back results, and the
+in-process set-up of a train step (test_steps.py, mesh_equivalence_script.py)."""
 import json
 import os
 import subprocess
@@ -94,3 +95,19 @@ def section(config, dotted):
   for part in filter(None, dotted.split(".")):
     config = config[part]
   return config
+
+
+def build_training(config, mesh):
+  """Frozen networks, optimizer, sharded train state and graphs of `config` on `mesh`.
+
+  Returns:
+    dict(graphs, state, state_sh, frozen, frozen_sh, tx, schedule).
+  """
+  from vosr_jax import models, steps, train  # pylint: disable=g-import-not-at-top
+  dtype = models.compute_dtype(config.dtype)
+  enc_graph, ae_graph, frozen, frozen_sh = train._frozen_networks(config, mesh, dtype)
+  tx, schedule = steps.make_optimizer(config.optim)
+  graphdef, state, state_sh = steps.create_train_state(
+      lambda rngs: models.build_denoiser(config.model, rngs, dtype), config, mesh, tx)
+  return dict(graphs=steps.Graphs(graphdef, enc_graph, ae_graph), state=state, state_sh=state_sh,
+              frozen=frozen, frozen_sh=frozen_sh, tx=tx, schedule=schedule)
