@@ -20,6 +20,8 @@ def get_config():
   c.per_sample = True
   c.resize_back = True  # Resize the LR back to the HR size (VOSR training); False: return the LR.
   c.resize_modes = ("area", "bilinear", "bicubic")  # Drawn uniformly for every resize.
+  # Drawn uniformly for the resize back; may also hold "pil_bicubic" (the sampler's upscaler).
+  c.resize_back_modes = ("area", "bilinear", "bicubic")
   c.kernel_sizes = tuple(range(7, 22, 2))  # Odd blur-kernel sizes, drawn uniformly.
   c.kernel_pad_to = 21  # Every kernel is zero-padded to this size.
   # Poisson counts are Poisson(levels * x) / levels; basicsr's 2**ceil(log2(#unique 8-bit values)),

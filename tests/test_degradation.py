@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from skimage import data
 
 import jax
@@ -147,7 +148,29 @@ def test_lr_output_without_resize_back(hq):
   assert lq.shape == (2, 16, 16, 3)
 
 
+def test_pil_bicubic_resize_back_is_the_samplers_upscaling(hq):
+  """resize_back_modes=('pil_bicubic',): the LR comes back to HR size as PIL BICUBIC upscales it
+  (vosr_jax.sample's upscaler), up to the 8-bit rounding and clipping of the LR (the chain
+  rounds and clips once, at the end) plus that final rounding: within 2 levels, 0.5 on average."""
+  config = degradation_config.get_config()
+  config.resize_back_modes = ("pil_bicubic",)
+  key, x = jax.random.key(3), hq[:2, :64, :64]
+  back = np.asarray(degradation.make_degrade(config)(key, x))
+  config.resize_back = False
+  lq = np.asarray(degradation.make_degrade(config)(key, x))
+  ref = np.stack([np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c]), "F")
+                                       .resize((64, 64), Image.BICUBIC)) for c in range(3)], -1)
+                  for img in lq])
+  assert back.shape == (2, 64, 64, 3)
+  np.testing.assert_allclose(back, np.clip(ref, 0, 1), rtol=0, atol=2 / 255)
+  assert np.abs(back - np.clip(ref, 0, 1)).mean() < 0.5 / 255
+
+
 def test_bad_config_raises():
+  config = degradation_config.get_config()
+  config.resize_back_modes = ("lanczos",)
+  with pytest.raises(ValueError, match="resize_back_modes"):
+    degradation.validate_config(config)
   config = degradation_config.get_config()
   config.jpeg_quality = 50
   with pytest.raises(ValueError, match="jpeg_quality"):

@@ -39,6 +39,8 @@ from vosr_jax.data import kernels
 from vosr_jax.data import resize as resize_lib
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
+# The resize back has static sizes, so it may also use PIL's BICUBIC (what the sampler upscales with).
+RESIZE_BACK_MODES = RESIZE_MODES + ("pil_bicubic",)
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale, as basicsr.
 
 # Config schema: key -> kind. Every key of configs/degradation.py, and no other, must be present.
@@ -50,8 +52,8 @@ _RANGES = ("blur_sigma", "blur_sigma2", "betag_range", "betag_range2", "betap_ra
            "betap_range2", "rotation_range", "resize_range", "resize_range2", "noise_range",
            "noise_range2", "poisson_scale_range", "poisson_scale_range2", "jpeg_range",
            "jpeg_range2")
-_OTHER = ("scale", "per_sample", "resize_back", "resize_modes", "kernel_sizes", "kernel_pad_to",
-          "poisson_levels")
+_OTHER = ("scale", "per_sample", "resize_back", "resize_modes", "resize_back_modes", "kernel_sizes",
+          "kernel_pad_to", "poisson_levels")
 # Parameters the official code draws per sample even when the rest is per batch.
 _ALWAYS_PER_SAMPLE = ("sigma1", "poisson1", "gray1", "quality1", "sigma2", "poisson2", "gray2",
                       "quality2")
@@ -106,6 +108,10 @@ def validate_config(config):
   modes = tuple(values["resize_modes"])
   if not modes or not set(modes) <= set(RESIZE_MODES):
     raise _error("resize_modes", f"a non-empty subset of {RESIZE_MODES}", values["resize_modes"])
+  back_modes = tuple(values["resize_back_modes"])
+  if not back_modes or not set(back_modes) <= set(RESIZE_BACK_MODES):
+    raise _error("resize_back_modes", f"a non-empty subset of {RESIZE_BACK_MODES}",
+                 values["resize_back_modes"])
   pad_to = int(values["kernel_pad_to"])
   sizes = tuple(int(k) for k in values["kernel_sizes"])
   if pad_to % 2 != 1:
@@ -117,7 +123,8 @@ def validate_config(config):
     if int(values[key]) < 1:
       raise _error(key, "a positive int", values[key])
   out.update(scale=int(values["scale"]), per_sample=bool(values["per_sample"]),
-             resize_back=bool(values["resize_back"]), resize_modes=modes, kernel_sizes=sizes,
+             resize_back=bool(values["resize_back"]), resize_modes=modes,
+             resize_back_modes=back_modes, kernel_sizes=sizes,
              kernel_pad_to=pad_to, poisson_levels=int(values["poisson_levels"]))
   return types.SimpleNamespace(**out)
 
@@ -166,8 +173,8 @@ def _draw(key, s):
   p["sinc"] = kernels.random_final_sinc(k_sinc, s.kernel_sizes, s.final_sinc_prob, s.kernel_pad_to)
   p["sinc_first"] = u["sinc_first"] < s.resize_sinc_first_prob
   for name in ("mode1", "mode2", "mode_final", "mode_back"):
-    p[name] = jnp.minimum((u[name] * len(s.resize_modes)).astype(jnp.int32),
-                          len(s.resize_modes) - 1)
+    count = len(s.resize_back_modes if name == "mode_back" else s.resize_modes)
+    p[name] = jnp.minimum((u[name] * count).astype(jnp.int32), count - 1)
   return p
 
 
@@ -329,8 +336,9 @@ def _degrade_one(hq, p, key, s):
   jpeg_first = resize_sinc(jpeg_lib.jpeg(x, p["quality2"], size2), size2)
   x = jnp.where(p["sinc_first"], sinc_first, jpeg_first)[:lr[0], :lr[1]]
   if s.resize_back:
-    rows = jnp.stack([resize_lib.interp_matrix(lr[0], height, m) for m in modes])[p["mode_back"]]
-    cols = jnp.stack([resize_lib.interp_matrix(lr[1], width, m) for m in modes])[p["mode_back"]]
+    back = s.resize_back_modes
+    rows = jnp.stack([resize_lib.interp_matrix(lr[0], height, m) for m in back])[p["mode_back"]]
+    cols = jnp.stack([resize_lib.interp_matrix(lr[1], width, m) for m in back])[p["mode_back"]]
     x = jnp.einsum("oh,hwc,pw->opc", rows, x, cols, precision="highest")
   return jnp.clip(jnp.round(x * 255.0), 0, 255) / 255.0
 

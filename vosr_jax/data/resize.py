@@ -3,13 +3,17 @@
 Resizing is a product of two 1-D interpolation matrices (rows, then columns), so sizes are static
 while scales may be traced: the degradation chain can draw a scale per sample without recompiling.
 Images are NHWC (or HWC) floats; the value range is untouched (no clipping).
+"pil_bicubic" is PIL's Image.resize(BICUBIC) instead (static sizes only): the upscaler of
+`vosr_jax.sample`, so a model can be trained on the LR upscaling it will be sampled with.
 """
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
-METHODS = ("nearest", "bilinear", "bicubic", "area")
+METHODS = ("nearest", "bilinear", "bicubic", "area", "pil_bicubic")
 _CUBIC_A = -0.75  # PyTorch's Keys coefficient (PIL and jax.image use -0.5).
+_PIL_CUBIC_A = -0.5
 
 
 def _cubic_weights(frac):
@@ -25,6 +29,34 @@ def _cubic_weights(frac):
   return jnp.stack([far(frac + 1), near(frac), near(1 - frac), far(2 - frac)], axis=-1)
 
 
+def _pil_cubic(d):
+  """PIL's bicubic filter (Keys, a = -0.5) at offsets `d` (NumPy, any shape)."""
+  a, d = _PIL_CUBIC_A, np.abs(d)
+  near = ((a + 2) * d - (a + 3)) * d * d + 1
+  far = (((d - 5) * d + 8) * d - 4) * a
+  return np.where(d < 1, near, np.where(d < 2, far, 0.0))
+
+
+def pil_bicubic_matrix(in_size, out_size):
+  """(out_size, in_size) matrix of PIL's BICUBIC resize (Resample.c `precompute_coeffs`).
+
+  Pixel centres map by (i + 0.5) * in/out; when downscaling the filter is stretched by in/out
+  (antialiasing); taps outside the signal are dropped and each row renormalised to sum to 1.
+  """
+  scale = in_size / out_size
+  stretch = max(scale, 1.0)
+  support = 2.0 * stretch
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    center = (i + 0.5) * scale
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), in_size)
+    weights = _pil_cubic((np.arange(lo, hi) - center + 0.5) / stretch)
+    total = weights.sum()
+    matrix[i, lo:hi] = weights / total if total != 0 else weights
+  return jnp.asarray(matrix, jnp.float32)
+
+
 def interp_matrix(in_size, out_size, method, scale=None):
   """(out_size, in_size) matrix M with `resized = M @ signal`, following PyTorch's index rules.
 
@@ -33,10 +65,12 @@ def interp_matrix(in_size, out_size, method, scale=None):
     method: one of METHODS.
     scale: optional ratio in_size/out_size used to map coordinates, as PyTorch does when it is given
       `scale_factor` (it then uses 1/scale_factor, not in/out). May be a traced scalar. Ignored for
-      "area", which is adaptive average pooling and depends on the sizes only.
+      "area", which is adaptive average pooling and depends on the sizes only, and "pil_bicubic".
   """
   if method not in METHODS:
     raise ValueError(f"Unknown resize method {method!r}; expected one of {METHODS}.")
+  if method == "pil_bicubic":
+    return pil_bicubic_matrix(in_size, out_size)
   if method == "area":
     rows = []
     for i in range(out_size):
@@ -67,7 +101,7 @@ def resize(x, size, method="bicubic", scale=None):
   Args:
     x: float array (..., H, W, C).
     size: static (out_h, out_w).
-    method: "nearest" | "bilinear" | "bicubic" | "area".
+    method: one of METHODS.
     scale: optional (scale_h, scale_w) = input/output coordinate ratios (see `interp_matrix`).
   """
   in_h, in_w = x.shape[-3], x.shape[-2]
