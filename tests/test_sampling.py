@@ -196,6 +196,21 @@ def test_pipeline_tile_larger_than_image_is_exact_and_batch_independent(tiny):
   np.testing.assert_array_equal(tiny.jit(base)(tiny.params, x2, keys2)[0], out[0])
 
 
+def test_noise_scale_scales_the_starting_noise(tiny):
+  """prepare's z_1 is from_flow(noise_scale * N(0, I), lr), which is the noise itself for the
+  latent target: 0 gives z_1 = 0, and the output then no longer depends on the key."""
+  x = _smooth_batch(32, 32)
+  keys = [jnp.stack([sampling.image_key(0, name)]) for name in ("a", "b")]
+  full, half, zero = (sampling.Settings(num_steps=2, noise_scale=s) for s in (1.0, 0.5, 0.0))
+  z = {s: tiny.jit_stages(s)[0](tiny.params, x, keys[0])["z"] for s in (full, half, zero)}
+  np.testing.assert_allclose(z[half], 0.5 * z[full], atol=1e-6)
+  np.testing.assert_array_equal(z[zero], 0.0)
+  np.testing.assert_array_equal(tiny.jit(zero)(tiny.params, x, keys[0]),
+                                tiny.jit(zero)(tiny.params, x, keys[1]))
+  assert not np.array_equal(tiny.jit(full)(tiny.params, x, keys[0]),
+                            tiny.jit(full)(tiny.params, x, keys[1]))
+
+
 def test_pipeline_tiles_with_overlap_blend_smoothly(tiny):
   """Tiny model, smooth image, 32 px tiles with overlap vs untiled, steps run one by one."""
   x = _smooth_batch(64, 64)

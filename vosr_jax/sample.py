@@ -51,6 +51,9 @@ def parse_args(argv):
                  "-0.5 RealSR, 0.5 ScreenSR)")
   p.add_argument("--weak-strength", type=float, default=0.15,
                  help="w of the weak anchor w * LR latent, multi-step only (default 0.15)")
+  p.add_argument("--noise-scale", type=float, default=1.0,
+                 help="scale of the starting noise (default 1, as trained; below 1 trades sampled "
+                 "detail for fidelity, 0 is deterministic)")
   p.add_argument("--tile-size", type=int, default=0,
                  help="denoiser tile side in output pixels (0: whole image; 512 recommended)")
   p.add_argument("--tile-overlap", type=int, default=64,
@@ -72,6 +75,8 @@ def parse_args(argv):
       p.error(f"--{name.replace('_', '-')} must be at least 1")
   if args.steps is not None and args.steps < 1:
     p.error("--steps must be at least 1")
+  if args.noise_scale < 0:
+    p.error("--noise-scale must be at least 0")
   return args
 
 
@@ -230,7 +235,8 @@ def main(argv=None):
       num_steps=args.steps or (ONESTEP_STEPS if one_step else MULTISTEP_STEPS),
       cfg_scale=args.cfg_scale, weak_strength=args.weak_strength, tile_size=args.tile_size,
       tile_overlap=args.tile_overlap, vae_tile_size=args.vae_tile_size,
-      vae_tile_overlap=args.vae_tile_overlap, color_fix=args.color_fix)
+      vae_tile_overlap=args.vae_tile_overlap, color_fix=args.color_fix,
+      noise_scale=args.noise_scale)
   print(f"{pipeline.source}: {'one-step' if one_step else 'multi-step'} model, {settings}",
         file=sys.stderr)
   os.makedirs(args.output, exist_ok=True)
