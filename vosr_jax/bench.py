@@ -6,6 +6,11 @@ r"""Benchmarks: one JSON record per run, with the command, the device and the ti
   python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=degradation
   python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=pipeline --folder=DIR
   python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=sampling
+  python -m vosr_jax.bench --config=configs/multistep.py:0.5b --what=compile --step=denoiser \
+    --depth=14 --per_device_batch=8
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m vosr_jax.bench \
+    --config=configs/multistep.py:0.5b --what=memory --step=train --memory_gb=80 \
+    --config.mesh.data=1 --config.mesh.fsdp=8
 
 Modes (`--what`):
   denoiser     `steps.denoiser_step` (denoiser forward, backward, clipped AdamW, EMA) on random
@@ -22,6 +27,18 @@ Modes (`--what`):
   sampling     `inference.benchmark_sampling`: `sampling.super_resolve` end to end (encoder, VAE
                encode, denoiser steps, decode, colour fix) for a multi-step model
                (`--sampling_steps` guided Euler steps) and a one-step student, at `--sizes`.
+  compile      lowers and compiles (never runs) the `--step` step ('denoiser', 'train' or
+               'distill') from abstract networks and batch (`jax.eval_shape`: nothing of parameter
+               size is allocated): `lower_s`, `compile_s`, the per-device fields of
+               `compiled.memory_analysis()` and `peak_bytes_estimate` = argument + output + temp -
+               alias, with `memory_source` naming the compiler (a CPU figure is the CPU compiler's,
+               not a GPU's). `--depth` overrides the denoiser depth (compile time vs depth, with
+               `--config.model.scan`); `--per_device_batch` sets config.batch_size to it times
+               mesh data x fsdp.
+  memory       the largest per-device batch of `--step` whose `peak_bytes_estimate` fits
+               `--memory_gb` (1e9 bytes): compiles at the two `--probe_batches`, fits peak =
+               fixed + per_sample x batch, predicts the largest batch, compiles there to verify
+               (and refits and steps down once if it does not fit).
 
 Every network has random weights (`init='random'` is forced): timings do not depend on the values.
 Each timed figure is the median, min and max over `--steps` calls after `--warmup` untimed ones,
@@ -32,6 +49,7 @@ given where the peak FLOP/s of the device is known (`PEAK_FLOPS`) or passed with
 """
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -45,9 +63,15 @@ from flax import nnx
 from ml_collections import config_dict, config_flags
 
 from vosr_jax import inference, models, sharding, steps
+from vosr_jax.models import dit
 from vosr_jax.data import degradation, pipeline
 
-MODES = ("denoiser", "train", "distill", "degradation", "pipeline", "sampling")
+MODES = ("denoiser", "train", "distill", "degradation", "pipeline", "sampling", "compile",
+         "memory")
+STEPS = ("denoiser", "train", "distill")
+# Per-device fields of `compiled.memory_analysis()` (`jaxlib` CompiledMemoryStats) reported.
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                 "temp_size_in_bytes", "generated_code_size_in_bytes")
 
 # Dense peak FLOP/s per chip by compute dtype; the first key found in the lower-cased
 # `device_kind` wins (so the more specific names come first). GPU float32 is the TF32 tensor-core
@@ -80,6 +104,16 @@ _SIZES = flags.DEFINE_list("sizes", ["128:512", "256:1024"],
                            "LR_SIDE:HR_SIDE pairs of --what=sampling.")
 _SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", 25,
                                        "Euler steps of the multi-step model in --what=sampling.")
+_STEP = flags.DEFINE_enum("step", "train", STEPS, "The step of --what=compile and --what=memory.")
+_DEPTH = flags.DEFINE_integer("depth", None,
+                              "Denoiser depth (config.model.overrides.depth) over the variant's.")
+_PER_DEVICE_BATCH = flags.DEFINE_integer(
+    "per_device_batch", None, "--what=compile: config.batch_size = this x the data-parallel size "
+    "(mesh data x fsdp); default: config.batch_size as it is.")
+_MEMORY_GB = flags.DEFINE_float("memory_gb", 80.0,
+                                "--what=memory: device memory in GB (1e9 bytes) to fit.")
+_PROBE_BATCHES = flags.DEFINE_list("probe_batches", ["2", "8"],
+                                   "--what=memory: the two per-device batches of the linear fit.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -148,25 +182,39 @@ def _networks(what, config, mesh):
   """Random networks of step `what` ('denoiser', 'train' or 'distill') placed on `mesh`.
 
   Returns:
-    dict(graphs, state, state_sh, tx, schedule, frozen, teacher, teacher_sh): the denoiser (the
-    student for 'distill') train state; the frozen encoder/autoencoder for 'train' and 'distill';
-    the multistep teacher for 'distill' (None where not needed).
+    dict(graphs, state, state_sh, tx, schedule, frozen, frozen_sh, teacher, teacher_sh): the
+    denoiser (the student for 'distill') train state; the frozen encoder/autoencoder and their
+    shardings for 'train' and 'distill'; the multistep teacher for 'distill' (None where not
+    needed).
   """
   dtype = models.compute_dtype(config.dtype)
   tx, schedule = steps.make_optimizer(config.optim)
   graphdef, state, state_sh = steps.create_train_state(
       lambda rngs: models.build_denoiser(config.model, rngs, dtype), config, mesh, tx)
   out = dict(graphs=steps.Graphs(graphdef, None, None), state=state, state_sh=state_sh, tx=tx,
-             schedule=schedule, frozen=None, teacher=None, teacher_sh=None)
+             schedule=schedule, frozen=None, frozen_sh=None, teacher=None, teacher_sh=None)
   if what == "denoiser":
     return out
 
   def shard(abstract):
     return sharding.param_shardings(abstract, mesh, config.sharding_rules)
 
-  enc_graph, enc_params = models.build_encoder(config.encoder, dtype, shard)
-  ae_graph, ae_params = models.build_autoencoder(config.autoencoder, shard)
+  # The shardings the frozen networks are placed with, kept apart: an abstract (`_abstract`)
+  # parameter carries none, and the compiled step's memory depends on them (FSDP).
+  frozen_sh = {}
+
+  def shard_as(name):
+    def record(abstract):
+      frozen_sh[name] = shard(abstract)
+      return frozen_sh[name]
+    return record
+
+  enc_graph, enc_params = models.build_encoder(config.encoder, dtype, shard_as("encoder"))
+  ae_graph, ae_params = models.build_autoencoder(config.autoencoder, shard_as("autoencoder"))
   out["frozen"] = {"encoder": enc_params, "autoencoder": ae_params}
+  rep = sharding.replicated(mesh)
+  out["frozen_sh"] = {k: frozen_sh.get(k) or jax.tree.map(lambda _: rep, v)
+                      for k, v in out["frozen"].items()}
   teacher_graph = None
   if what == "distill":
     teacher_config = config.model.copy_and_resolve_references()
@@ -218,12 +266,11 @@ def _jit_step(what, nets, config, mesh):
   if what == "denoiser":
     fn = functools.partial(steps.denoiser_step, graphs=nets["graphs"], config=config,
                            tx=nets["tx"], schedule=nets["schedule"])
-    return jax.jit(fn, in_shardings=(nets["state_sh"], sharding.batch_sharding(mesh)),
+    return jax.jit(sharding.with_mesh(fn, mesh),
+                   in_shardings=(nets["state_sh"], sharding.batch_sharding(mesh)),
                    out_shardings=(nets["state_sh"], sharding.replicated(mesh)),
                    donate_argnums=(0,))
-  rep = sharding.replicated(mesh)
-  # Abstract (FLOP counting) parameters carry no sharding: replicated is as good as any there.
-  frozen_sh = jax.tree.map(lambda x: getattr(x, "sharding", None) or rep, nets["frozen"])
+  frozen_sh = nets["frozen_sh"]
   args = (config, nets["graphs"], nets["tx"], nets["schedule"], nets["state_sh"])
   if what == "train":
     return steps.jit_train_step(*args, frozen_sh, mesh)
@@ -305,6 +352,129 @@ def bench_step(what, config, mesh, *, num_steps, warmup, peak_tflops=None):
       mfu=None if flops is None or peak is None else flops / median / (peak * mesh.size))
 
 
+def memory_stats(compiled):
+  """Per-device `MEMORY_FIELDS` of `compiled.memory_analysis()` plus `peak_bytes_estimate`
+  (argument + output + temp - alias: live at once, donated inputs counted once), or None when the
+  backend reports nothing."""
+  try:
+    stats = compiled.memory_analysis()
+  except NotImplementedError:
+    return None
+  if isinstance(stats, (list, tuple)):  # One per device/program in some jaxlib versions.
+    stats = stats[0] if stats else None
+  if stats is None:
+    return None
+  out = {k: int(getattr(stats, k)) for k in MEMORY_FIELDS if getattr(stats, k, None) is not None}
+  if len(out) < len(MEMORY_FIELDS):
+    return out or None
+  out["peak_bytes_estimate"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
+  return out
+
+
+def _depth(config):
+  """The denoiser depth of `config.model` (variant plus overrides)."""
+  return dit.variant_kwargs(config.model.variant, **config.model.overrides.to_dict())["depth"]
+
+
+def bench_compile(what, config, mesh):
+  """Lowers and compiles step `what` of `config` on `mesh` abstractly (nothing of parameter or
+  batch size is allocated) and reads the compiler's memory analysis.
+
+  Returns:
+    JSON-able dict: step, lower_s, compile_s, batch_size (global), per_device_batch, shapes,
+    params, depth, scan, remat_policy, mesh_shape, memory_per_device (`memory_stats`, or None)
+    and memory_source (which compiler's analysis).
+  """
+  nets = _abstract(lambda: _networks(what, config, mesh))
+  fn = _jit_step(what, nets, config, mesh)
+  args = _step_args(what, nets, config, mesh)
+  start = time.perf_counter()
+  lowered = fn.lower(*args)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - lowered_at
+  memory = memory_stats(compiled)
+  backend = jax.default_backend()
+  return dict(
+      step=what, lower_s=lowered_at - start, compile_s=compile_s, batch_size=config.batch_size,
+      per_device_batch=config.batch_size // sharding.batch_size_per_step(mesh),
+      shapes={k: list(v.shape) for k, v in args[-1].items()},
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nets["state"].params)),
+      depth=_depth(config), scan=config.model.scan, remat_policy=config.model.remat_policy,
+      mesh_shape=dict(mesh.shape), memory_per_device=memory,
+      memory_source=None if memory is None else
+      f"{backend} compiled memory_analysis ({jax.devices()[0].device_kind})")
+
+
+def _with_per_device_batch(config, per_device_batch, mesh):
+  config = config.copy_and_resolve_references()
+  config.batch_size = per_device_batch * sharding.batch_size_per_step(mesh)
+  return config
+
+
+def bench_memory(what, config, mesh, *, memory_gb=80.0, probe_batches=(2, 8)):
+  """The largest per-device batch of step `what` whose compiled `peak_bytes_estimate` fits
+  `memory_gb` GB (1e9 bytes) per device, from few compiles (`bench_compile`).
+
+  Compiles at the two per-device `probe_batches`, fits peak = fixed + per_sample x batch, predicts
+  the largest batch under the limit, and verifies it by compiling there; a prediction that does
+  not fit is refitted once (through the larger probe and the failed point) and compiled again.
+
+  Returns:
+    JSON-able dict: limit_bytes, probes (the `bench_compile` records), fit (fixed_bytes,
+    per_sample_bytes), predicted_max_batch, verify (the `bench_compile` records of the
+    verification compiles), verified_max_batch (None when no compile confirmed it) and the
+    model/mesh figures of the probes.
+  """
+  b1, b2 = sorted(int(b) for b in probe_batches)
+  if not 1 <= b1 < b2:
+    raise ValueError(f"--probe_batches={probe_batches}: two distinct per-device batches >= 1")
+  limit = int(memory_gb * 1e9)
+  records = {}
+
+  def peak(batch):
+    if batch not in records:
+      records[batch] = bench_compile(what, _with_per_device_batch(config, batch, mesh), mesh)
+    memory = records[batch]["memory_per_device"]
+    if not memory or "peak_bytes_estimate" not in memory:
+      raise ValueError(f"--what=memory: the {jax.default_backend()} backend gives no compiled "
+                       "memory analysis")
+    return memory["peak_bytes_estimate"]
+
+  def fit(x1, x2):
+    per_sample = (peak(x2) - peak(x1)) / (x2 - x1)
+    if per_sample <= 0:
+      raise ValueError(f"--what=memory: the peak does not grow with the batch ({x1}: {peak(x1)}, "
+                       f"{x2}: {peak(x2)} bytes); try other --probe_batches")
+    fixed = peak(x1) - per_sample * x1
+    return fixed, per_sample, max(0, math.floor((limit - fixed) / per_sample))
+
+  fixed, per_sample, predicted = fit(b1, b2)
+  verified, tried = None, []
+  candidate = predicted
+  for _ in range(2):  # The prediction, then at most one step down.
+    if candidate < 1:
+      break
+    tried.append(candidate)
+    if peak(candidate) <= limit:
+      verified = candidate
+      break
+    if len(tried) == 2:
+      break
+    _, _, refit = fit(b2, candidate) if candidate != b2 else fit(b1, b2)
+    candidate = min(refit, candidate - 1)
+  first = records[b1]
+  return dict(
+      step=what, limit_bytes=limit, memory_gb=memory_gb,
+      probes=[records[b1], records[b2]],
+      fit=dict(fixed_bytes=fixed, per_sample_bytes=per_sample),
+      predicted_max_batch=predicted, verify=[records[b] for b in tried],
+      verified_max_batch=verified,
+      **{k: first[k] for k in ("params", "depth", "scan", "remat_policy", "mesh_shape",
+                               "memory_source")})
+
+
 def bench_degradation(config, *, batch, size, num_steps, warmup):
   """Times the jitted degradation chain of `config.degradation` on a random float batch."""
   fn = degradation.make_degrade(config.degradation)
@@ -351,7 +521,8 @@ def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup):
 
 def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
         degradation_batch=8, degradation_size=512, sizes=("128:512", "256:1024"),
-        sampling_steps=25):
+        sampling_steps=25, step="train", depth=None, per_device_batch=None, memory_gb=80.0,
+        probe_batches=(2, 8)):
   """Runs benchmark `what` (one of `MODES`) on `config`; arguments as the flags of the same names.
 
   Returns:
@@ -362,10 +533,25 @@ def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
     raise ValueError(f"--what={what!r} must be one of {MODES}")
   jax.config.update("jax_threefry_partitionable", True)
   config = _random_weights(config)
-  if what == "distill" and config.kind != "onestep":
+  if depth is not None:
+    with config.unlocked():
+      config.model.overrides.depth = depth
+  stepped = step if what in ("compile", "memory") else what
+  if stepped not in STEPS and what in ("compile", "memory"):
+    raise ValueError(f"--step={step!r} must be one of {STEPS}")
+  if stepped == "distill" and config.kind != "onestep":
     raise ValueError(f"--what=distill needs a one-step config (config.kind='onestep', "
                      f"configs/onestep.py), not config.kind={config.kind!r}")
-  if what in ("denoiser", "train", "distill"):
+  if what in ("compile", "memory"):
+    mesh = sharding.make_mesh(config.mesh)
+    if what == "memory":
+      result = bench_memory(step, config, mesh, memory_gb=memory_gb, probe_batches=probe_batches)
+    else:
+      if per_device_batch is not None:
+        config = _with_per_device_batch(config, per_device_batch, mesh)
+      sharding.check_batch_size(config.batch_size, mesh)
+      result = bench_compile(step, config, mesh)
+  elif what in ("denoiser", "train", "distill"):
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     result = bench_step(what, config, mesh, num_steps=num_steps, warmup=warmup,
@@ -399,7 +585,9 @@ def main(argv):
             peak_tflops=_PEAK_TFLOPS.value, folder=_FOLDER.value,
             degradation_batch=_DEGRADATION_BATCH.value,
             degradation_size=_DEGRADATION_SIZE.value, sizes=_SIZES.value,
-            sampling_steps=_SAMPLING_STEPS.value))
+            sampling_steps=_SAMPLING_STEPS.value, step=_STEP.value, depth=_DEPTH.value,
+            per_device_batch=_PER_DEVICE_BATCH.value, memory_gb=_MEMORY_GB.value,
+            probe_batches=_PROBE_BATCHES.value))
   text = json.dumps(result, indent=2)
   print(text)
   if _OUTPUT.value:

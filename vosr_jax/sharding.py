@@ -5,8 +5,10 @@ remaining devices). Parameters carry logical axis names (`vosr_jax.models.layers
 `config.sharding_rules` maps each name to a mesh axis (or None), e.g. ('embed', 'fsdp') shards the
 model width over the FSDP axis, so one config line moves a model from data parallelism to FSDP.
 A dimension that the mapped mesh axes do not divide stays replicated (tiny test models).
-The batch axis is sharded over ('data', 'fsdp') together.
+The batch axis is sharded over ('data', 'fsdp') together; inside a step wrapped by `with_mesh`,
+`constrain_batch` keeps activations batch-sharded (the networks call it at a few places).
 """
+import functools
 import math
 
 import jax
@@ -106,6 +108,31 @@ def replicated(mesh):
 def batch_sharding(mesh):
   """The sharding of batched data: leading axis over ('data', 'fsdp')."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def with_mesh(fn, mesh):
+  """`fn` traced with `mesh` as the abstract mesh, which turns on `constrain_batch` inside it."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def constrain_batch(x):
+  """Constrains `x`'s leading (batch) axis to be sharded over `BATCH_AXES`.
+
+  Without it, FSDP lets XLA shard activations like the weights ('embed' over 'fsdp') or
+  replicate them, instead of all-gathering the weights. A no-op outside `with_mesh` (sampling,
+  tests, one device) and when the batch does not divide over the batch axes.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  ways = math.prod(mesh.shape[name] for name in BATCH_AXES)
+  if ways == 1 or x.shape[0] % ways:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 def shard_batch(local_batch, mesh):

@@ -358,7 +358,7 @@ def create_train_state(make_denoiser, config, mesh, tx, initial_params=None, new
 def _jit_step(step_fn, in_shardings, config, graphs, tx, schedule, state_sh, mesh):
   """`step_fn(state, *args)` jitted with `in_shardings` (state first), the state donated."""
   fn = functools.partial(step_fn, graphs=graphs, config=config, tx=tx, schedule=schedule)
-  return jax.jit(fn, in_shardings=in_shardings,
+  return jax.jit(sharding.with_mesh(fn, mesh), in_shardings=in_shardings,
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
 

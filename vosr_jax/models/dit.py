@@ -24,6 +24,7 @@ from flax import nnx
 
 from vosr_jax.models.layers import (CrossAttention, Mlp, RMSNorm, SelfAttention, SwiGLU,
                                     TimestepEmbedder, init_with_axes, linear, rope_tables)
+from vosr_jax.sharding import constrain_batch
 
 # Sizes: the official models (VOSR_SPEC.md §0), a 32x32-latent benchmark model, and a test model.
 VARIANTS = {
@@ -171,7 +172,8 @@ class LightningDiT(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
 
     def body(h, layer_state):
-      return nnx.merge(graphdef, layer_state)(h, c0, cond, rope), None
+      # Batch-sharded residual stream: FSDP must gather weights, not shard activations by 'embed'.
+      return nnx.merge(graphdef, layer_state)(constrain_batch(h), c0, cond, rope), None
 
     if self.remat_policy is not None:
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
@@ -207,7 +209,7 @@ class LightningDiT(nnx.Module):
 
     c_vec = self._conditioning(t, r)
     c0 = self.t_block(jax.nn.silu(c_vec))
-    cond = self.mlp_ca(self.layer_norm(tokens))
+    cond = constrain_batch(self.mlp_ca(self.layer_norm(tokens)))
     rope = rope_tables((h, w), self.head_dim, self.rope_grid)
     x = self._run_blocks(x, c0, cond, rope)
 
