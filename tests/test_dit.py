@@ -266,3 +266,22 @@ def test_bad_configs_and_inputs_raise(fresh):
   graphdef, abstract_params = nnx.split(abstract(dit.LightningDiT, **SMALL), nnx.Param)
   with pytest.raises(ValueError, match="r_embedder"):
     jax.eval_shape(lambda p: nnx.merge(graphdef, p)(z_t, lr, t, tok, r), abstract_params)
+
+
+def test_velocity_skip_adds_the_least_squares_velocity(pair):
+  """velocity_skip=True (not official; the demo's) = the official output + c(t) z_t, with c(t)
+  the least-squares slope of v = noise - x on z_t = (1 - t) x + t noise for unit-variance data."""
+  _, _, pure, kwargs = pair
+  plain = abstract(dit.LightningDiT, **kwargs)
+  skip = abstract(dit.LightningDiT, **kwargs, velocity_skip=True)
+  args = _inputs(4, 3, (16, 16), kwargs["one_step"])
+  base = np.asarray(_forward_fn(plain)(param_state(plain, pure), *args))
+  got = np.asarray(_forward_fn(skip)(param_state(skip, pure), *args))
+  coef = np.asarray(dit.velocity_skip_coefficient(args[2]))
+  np.testing.assert_allclose(got, base + coef[:, None, None, None] * args[0], atol=1e-5)
+  rng = np.random.default_rng(0)
+  x, noise = rng.standard_normal((2, 200_000))
+  for t in (0.0, 0.3, 0.5, 0.8, 1.0):
+    z_t, v = (1 - t) * x + t * noise, noise - x
+    slope = np.dot(z_t, v) / np.dot(z_t, z_t)
+    assert abs(float(dit.velocity_skip_coefficient(t)) - slope) < 0.01, t

@@ -112,6 +112,10 @@ class LightningDiT(nnx.Module):
     encdim_ratio: hidden width of the token projection, as a multiple of D.
     rope_grid: token-grid side the RoPE positions are scaled to (official: 64 // 2 = 32).
     one_step: adds `r_embedder` (one-step students; `auxiliary_time_cond` upstream).
+    velocity_skip: not in the official model (False there and for converted checkpoints): adds
+      `velocity_skip_coefficient(t) * z_t` to the output, the best linear guess of the velocity
+      from z_t for unit-variance data, so a small network need not copy the noise through its
+      final RMSNorm to cancel it (the demo's; see README "The demo").
     scan: run the block stack with `lax.scan` (compile time independent of depth) or unrolled.
     remat_policy: None, or a key of `REMAT_POLICIES`, to rematerialise each block.
     attention: `layers.dot_product_attention` implementation: None (the backend's fastest:
@@ -121,9 +125,9 @@ class LightningDiT(nnx.Module):
   """
 
   def __init__(self, *, latent_channels, hidden_size, depth, num_heads, enc_dim, patch_size=2,
-               mlp_ratio=4, encdim_ratio=3, rope_grid=32, one_step=False, scan=True,
-               remat_policy=None, attention=None, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs):
+               mlp_ratio=4, encdim_ratio=3, rope_grid=32, one_step=False, velocity_skip=False,
+               scan=True, remat_policy=None, attention=None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs):
     if hidden_size % num_heads or (hidden_size // num_heads) % 4:
       raise ValueError(f"dit.py: hidden_size {hidden_size} / num_heads {num_heads} must give a "
                        "head dim divisible by 4 (2D RoPE)")
@@ -135,6 +139,7 @@ class LightningDiT(nnx.Module):
     self.latent_channels, self.patch_size, self.depth = c, p, depth
     self.head_dim, self.rope_grid, self.enc_dim = d // num_heads, rope_grid, enc_dim
     self.scan, self.remat_policy, self.dtype = scan, remat_policy, dtype
+    self.velocity_skip = velocity_skip
 
     # Dense on (ph, pw, cin)-flattened patches == the official stride-p conv.
     self.x_embedder = linear(p * p * 2 * c, d, ("vocab", "embed"), **kw)
@@ -214,7 +219,17 @@ class LightningDiT(nnx.Module):
     x = self._run_blocks(x, c0, cond, rope)
 
     x = self.final_layer(x, c_vec).reshape(b, h, w, p, p, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c).astype(jnp.float32)
+    out = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c).astype(jnp.float32)
+    if self.velocity_skip:
+      out = out + velocity_skip_coefficient(t)[:, None, None, None] * z_t.astype(jnp.float32)
+    return out
+
+
+def velocity_skip_coefficient(t):
+  """(2t - 1) / ((1 - t)^2 + t^2): the least-squares velocity v = noise - x from z_t = (1 - t) x
+  + t noise, for x and noise independent with unit variance (-1 at t = 0, 1 at t = 1). (B,)."""
+  t = jnp.asarray(t, jnp.float32)
+  return (2 * t - 1) / ((1 - t) ** 2 + t ** 2)
 
 
 
