@@ -19,9 +19,10 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV)
 
-# make demo: the VOSR recipe at demo scale through the public entry points (docs_demo.md), into
-# $(WORKDIR): data/, multistep/ and onestep/ (training workdirs), sr/{bicubic,multistep,onestep}/
-# (held-out outputs with metrics.json), report/ and report.md. A quick run:
+# make demo: the VOSR recipe at demo scale through the public entry points (README, "The demo"),
+# into $(WORKDIR): data/, multistep/ and onestep/ (training workdirs), sr/{bicubic,multistep,
+# onestep}/ and sr/{multistep,onestep}_fidelity/ (held-out outputs with metrics.json), report/ and
+# report.md. A quick run:
 #   make demo WORKDIR=/tmp/d MS_FLAGS=--config.total_steps=2 OS_FLAGS=--config.total_steps=2
 WORKDIR ?= runs/demo
 DATA = $(WORKDIR)/data
@@ -30,6 +31,8 @@ MS_FLAGS ?=
 OS_FLAGS ?=
 MS_STEPS ?= 4
 SAMPLE_FLAGS ?= --tile-size=64 --tile-overlap=16 --cfg-scale=1.0 --color-fix=none --overwrite
+# The same models again from a scaled-down starting noise (fidelity over sampled detail).
+FIDELITY_NOISE ?= 0.5
 METRICS ?= psnr,ssim,niqe
 TIMED = $(PY) -m vosr_jax.demo time --log=$(WORKDIR)/timings.json
 
@@ -45,6 +48,12 @@ demo: $(STAMP)
 	  --input=$(DATA)/heldout_lr --output=$(SR)/multistep --steps=$(MS_STEPS) $(SAMPLE_FLAGS)
 	$(TIMED) sample_onestep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/onestep \
 	  --input=$(DATA)/heldout_lr --output=$(SR)/onestep $(SAMPLE_FLAGS)
+	$(TIMED) sample_multistep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/multistep \
+	  --input=$(DATA)/heldout_lr --output=$(SR)/multistep_fidelity --steps=$(MS_STEPS) \
+	  --noise-scale=$(FIDELITY_NOISE) $(SAMPLE_FLAGS)
+	$(TIMED) sample_onestep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/onestep \
+	  --input=$(DATA)/heldout_lr --output=$(SR)/onestep_fidelity \
+	  --noise-scale=$(FIDELITY_NOISE) $(SAMPLE_FLAGS)
 	$(TIMED) bicubic -- $(PY) -m vosr_jax.demo bicubic --input=$(DATA)/heldout_lr \
 	  --output=$(SR)/bicubic
 	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/bicubic --gt=$(DATA)/heldout_hr \
@@ -53,4 +62,8 @@ demo: $(STAMP)
 	  --gt=$(DATA)/heldout_hr --metrics=$(METRICS)
 	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/onestep --gt=$(DATA)/heldout_hr \
 	  --metrics=$(METRICS)
-	$(PY) -m vosr_jax.demo report --workdir=$(WORKDIR)
+	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/multistep_fidelity \
+	  --gt=$(DATA)/heldout_hr --metrics=$(METRICS)
+	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/onestep_fidelity \
+	  --gt=$(DATA)/heldout_hr --metrics=$(METRICS)
+	$(PY) -m vosr_jax.demo report --workdir=$(WORKDIR) --fidelity-noise=$(FIDELITY_NOISE)

@@ -88,12 +88,13 @@ DEMO_DATA = f"{DEMO_WORKDIR}/data"  # Where `python -m vosr_jax.demo prepare` wr
 def demo_overrides(config):
   """The `demo` variant's changes to `tiny` (configs/onestep.py:demo starts from them too).
 
-  Timings and held-out results on 2 CPU cores are in docs_demo.md.
+  Timings and held-out results on 2 CPU cores are in the README, "The demo".
   The frozen ViT stays the tiny DINOv2 architecture with random weights (logged loudly); point
   config.encoder.path at converted DINOv2 weights (with the matching config.encoder.variant and
   tap_layer) to use real ones.
   """
-  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4)
+  # velocity_skip (not in the official model): the noise need not pass through the network.
+  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4, velocity_skip=True)
   config.data.sources = f"{DEMO_DATA}/train"
   config.batch_size = 32
   config.total_steps = 450
@@ -110,9 +111,12 @@ def demo_overrides(config):
   config.eval.cfg_scale = 1.0
   # Clean bicubic x4 (PyTorch's, no antialiasing) through the same chain: no blur, noise or sinc;
   # JPEG at quality 99 (steps below one 8-bit level; quality 100 divides by zero in DiffJPEG's
-  # tables). `python -m vosr_jax.demo prepare` makes the held-out LR with it too.
+  # tables). `python -m vosr_jax.demo prepare` makes the held-out LR with it too. The LR goes back
+  # to the HR size with PIL's bicubic, as `vosr_jax.sample` upscales it: the residual target is
+  # relative to that upscaling, so training and sampling must share it.
   d = config.degradation
   d.resize_modes = ("bicubic",)
+  d.resize_back_modes = ("pil_bicubic",)
   d.kernel_prob = d.kernel_prob2 = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
   d.kernel_sizes = (7,)
   d.kernel_pad_to = 7

@@ -62,7 +62,7 @@ def get_config(arg="0.5b"):
     config.checkpoint.every_steps = 50
     config.eval.every_steps = 50
   elif variant == "demo":
-    # Step count and lr sized for `make demo` on 2 CPU cores (docs_demo.md); the cosine decay of
+    # Step count and lr sized for `make demo` on 2 CPU cores (README, "The demo"); the cosine decay of
     # configs/multistep.py:demo follows total_steps.
     config.model.path = f"{multistep.DEMO_WORKDIR}/multistep"
     config.batch_size = 8

@@ -40,11 +40,11 @@ def test_make_demo_produces_every_artefact(tmp_path):
   for stem in demo.HELDOUT:
     hr, lr = _png(data / "heldout_hr" / f"{stem}.png"), _png(data / "heldout_lr" / f"{stem}.png")
     assert hr.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
-    for method, _ in demo.METHODS:
+    for method, _ in demo.METHODS + demo.FIDELITY:
       assert _png(workdir / "sr" / method / f"{stem}.png").shape == hr.shape
     row = _png(workdir / "report" / f"{stem}.png")
     assert row.shape[1] >= 4 * hr.shape[1]
-  for method, _ in demo.METHODS:
+  for method, _ in demo.METHODS + demo.FIDELITY:
     metrics = json.loads((workdir / "sr" / method / "metrics.json").read_text())
     assert sorted(metrics["per_image"]) == sorted(demo.HELDOUT)
     assert np.isfinite(metrics["mean"]["psnr"]) and 0 < metrics["mean"]["ssim"] <= 1
@@ -52,6 +52,7 @@ def test_make_demo_produces_every_artefact(tmp_path):
     assert (workdir / kind / "checkpoints" / "2").is_dir()
   report = (workdir / "report.md").read_text()
   assert "| multi-step SR |" in report and "RANDOM" in report
+  assert "| one-step SR, start noise x0.5 |" in report
   for stem in demo.HELDOUT:
     assert f"report/{stem}.png" in report
   timings = json.loads((workdir / "timings.json").read_text())

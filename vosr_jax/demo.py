@@ -1,4 +1,4 @@
-r"""The demo-only pieces of `make demo` (see the Makefile and docs_demo.md).
+r"""The demo-only pieces of `make demo` (see the Makefile and the README, "The demo").
 
 `make demo` runs the VOSR recipe at demo scale through the public entry points; this module only
 adds what they lack:
@@ -13,10 +13,11 @@ adds what they lack:
       8 bits as the sampler rounds.
   python -m vosr_jax.demo time --log=runs/demo/timings.json NAME -- COMMAND...
       runs COMMAND, adds its wall time to NAME's in the log, exits with its status.
-  python -m vosr_jax.demo report --workdir=runs/demo
+  python -m vosr_jax.demo report --workdir=runs/demo [--fidelity-noise=0.5]
       report.md (PSNR/SSIM/NIQE table from `python -m vosr_jax.evaluate`'s metrics.json in
-      sr/{bicubic,multistep,onestep}/, timings) and one side-by-side PNG per held-out image
-      (LR bicubic | multi-step SR | one-step SR | HR) under report/.
+      sr/{bicubic,multistep,onestep}/ and, when present, sr/{multistep,onestep}_fidelity/ (the
+      same models from a scaled-down starting noise), timings) and one side-by-side PNG per
+      held-out image (LR bicubic | multi-step SR | one-step SR | HR) under report/.
 
 Held-out photos: chelsea (a cat), coffee (a cup on a table) and rocket (a launch pad): three
 everyday scenes with fur, specular and fine man-made detail, none a near-copy of a training
@@ -39,6 +40,10 @@ TRAIN = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina",
 HELDOUT = ("chelsea", "coffee", "rocket")
 METHODS = (("bicubic", "LR bicubic"), ("multistep", "multi-step SR"),
            ("onestep", "one-step SR"))
+# The same two models sampled from a scaled-down starting noise (`--noise-scale`, make demo's
+# FIDELITY_NOISE): table rows only, when their metrics.json exists.
+FIDELITY = (("multistep_fidelity", "multi-step SR, start noise x{}"),
+            ("onestep_fidelity", "one-step SR, start noise x{}"))
 SEED = 0  # Of the held-out degradation.
 
 
@@ -155,7 +160,18 @@ def _load_metrics(workdir):
                               f"{os.path.dirname(path)} ...` first (make demo does)")
     with open(path, encoding="utf-8") as f:
       results[method] = json.load(f)
+  for method, _ in FIDELITY:
+    path = os.path.join(workdir, "sr", method, "metrics.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        results[method] = json.load(f)
   return results
+
+
+def _rows(results, fidelity_noise):
+  """(folder, title) of every evaluated method: METHODS, then the FIDELITY rows present."""
+  return list(METHODS) + [(method, title.format(fidelity_noise)) for method, title in FIDELITY
+                          if method in results]
 
 
 def _label(image, text):
@@ -191,8 +207,11 @@ def _fmt(value, digits):
   return "n/a" if value is None else f"{float(value):.{digits}f}"
 
 
-def report(workdir, data):
-  """Writes `workdir`/report.md and the side-by-side PNGs; returns the markdown text."""
+def report(workdir, data, fidelity_noise=0.5):
+  """Writes `workdir`/report.md and the side-by-side PNGs; returns the markdown text.
+
+  `fidelity_noise` is the --noise-scale the FIDELITY folders were sampled with (for their titles).
+  """
   results = _load_metrics(workdir)
   metrics = results["bicubic"]["settings"]["metrics"]
   digits = {"psnr": 2, "ssim": 4, "niqe": 2}
@@ -203,22 +222,26 @@ def report(workdir, data):
            "(PSNR/SSIM on the Y channel with a 4-pixel border crop; NIQE: lower is more natural).",
            "", "| method | " + " | ".join(f"mean {m.upper()}" for m in metrics) + " |",
            "|---|" + "---:|" * len(metrics)]
-  for method, title in METHODS:
+  rows = _rows(results, fidelity_noise)
+  for method, title in rows:
     mean = results[method]["mean"]
     lines.append(f"| {title} | " + " | ".join(_fmt(mean.get(m), digits.get(m, 4))
                                              for m in metrics) + " |")
   lines += ["", "Per image (PSNR dB / SSIM):", "",
-            "| image | " + " | ".join(t for _, t in METHODS) + " |", "|---|" + "---:|" * 3]
+            "| image | " + " | ".join(t for _, t in rows) + " |", "|---|" + "---:|" * len(rows)]
   for stem in stems:
     cells = []
-    for method, _ in METHODS:
+    for method, _ in rows:
       s = results[method]["per_image"].get(stem)
       cells.append("n/a" if s is None else f"{s['psnr']:.2f} / {s['ssim']:.4f}")
     lines.append(f"| {stem} | " + " | ".join(cells) + " |")
-  bic, ms, os_ = (results[m]["mean"].get("psnr") for m, _ in METHODS)
-  if None not in (bic, ms, os_):
-    lines += ["", f"Multi-step - bicubic: {ms - bic:+.2f} dB; one-step - multi-step: "
-              f"{os_ - ms:+.2f} dB."]
+  bic = results["bicubic"]["mean"].get("psnr")
+  for (ms_key, _), (os_key, _) in (METHODS[1:], FIDELITY):
+    if ms_key in results and os_key in results:
+      ms, os_ = (results[k]["mean"].get("psnr") for k in (ms_key, os_key))
+      if None not in (bic, ms, os_):
+        lines += ["", f"{ms_key}: multi-step - bicubic {ms - bic:+.2f} dB; one-step - "
+                  f"multi-step {os_ - ms:+.2f} dB."]
   lines += ["", "Side by side (LR bicubic | multi-step SR | one-step SR | HR):", ""]
   for stem in stems:
     path = side_by_side(workdir, data, stem, results)
@@ -258,6 +281,8 @@ def main(argv=None):
   a = sub.add_parser("report", help="report.md and side-by-side images from the evaluations")
   a.add_argument("--workdir", default="runs/demo")
   a.add_argument("--data", help="the prepare folder (default: WORKDIR/data)")
+  a.add_argument("--fidelity-noise", type=float, default=0.5,
+                 help="the --noise-scale of sr/{multistep,onestep}_fidelity (for the titles)")
   args = p.parse_args(argv)
   if args.command == "prepare":
     prepare(args.out)
@@ -270,7 +295,8 @@ def main(argv=None):
     return timed(args.log, args.name, command)
   else:
     try:
-      print(report(args.workdir, args.data or os.path.join(args.workdir, "data")))
+      print(report(args.workdir, args.data or os.path.join(args.workdir, "data"),
+                   args.fidelity_noise))
     except FileNotFoundError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
