@@ -99,6 +99,11 @@ def test_sampling():
       ("multistep", 2, 64), ("onestep", 1, 64)]
   for r in record["results"]:
     assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["images_per_s"] > 0
+  record = bench.run(multistep.get_config("tiny"), "sampling", num_steps=2, warmup=1,
+                     sizes=("16:64",), sampling_models=("onestep",))
+  assert [r["mode"] for r in record["results"]] == ["onestep"]
+  with pytest.raises(ValueError, match="sampling_models"):
+    bench.run(multistep.get_config("tiny"), "sampling", sampling_models=("twostep",))
 
 
 def test_time_fn_threads_arguments():

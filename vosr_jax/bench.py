@@ -26,7 +26,8 @@ Modes (`--what`):
                `config.data` (`num_workers`, `resolution`) and `config.batch_size`.
   sampling     `inference.benchmark_sampling`: `sampling.super_resolve` end to end (encoder, VAE
                encode, denoiser steps, decode, colour fix) for a multi-step model
-               (`--sampling_steps` guided Euler steps) and a one-step student, at `--sizes`.
+               (`--sampling_steps` guided Euler steps) and a one-step student, at `--sizes`
+               (`--sampling_models` picks one of them).
   compile      lowers and compiles (never runs) the `--step` step ('denoiser', 'train' or
                'distill') from abstract networks and batch (`jax.eval_shape`: nothing of parameter
                size is allocated): `lower_s`, `compile_s`, the per-device fields of
@@ -69,6 +70,7 @@ from vosr_jax.data import degradation, pipeline
 MODES = ("denoiser", "train", "distill", "degradation", "pipeline", "sampling", "compile",
          "memory")
 STEPS = ("denoiser", "train", "distill")
+SAMPLING_MODELS = ("multistep", "onestep")  # Pipelines of --what=sampling.
 # Per-device fields of `compiled.memory_analysis()` (`jaxlib` CompiledMemoryStats) reported.
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                  "temp_size_in_bytes", "generated_code_size_in_bytes")
@@ -104,6 +106,8 @@ _SIZES = flags.DEFINE_list("sizes", ["128:512", "256:1024"],
                            "LR_SIDE:HR_SIDE pairs of --what=sampling.")
 _SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", 25,
                                        "Euler steps of the multi-step model in --what=sampling.")
+_SAMPLING_MODELS = flags.DEFINE_list("sampling_models", list(SAMPLING_MODELS),
+                                     "Which pipelines --what=sampling times.")
 _STEP = flags.DEFINE_enum("step", "train", STEPS, "The step of --what=compile and --what=memory.")
 _DEPTH = flags.DEFINE_integer("depth", None,
                               "Denoiser depth (config.model.overrides.depth) over the variant's.")
@@ -504,8 +508,12 @@ def bench_pipeline(config, folder, *, num_steps, warmup):
               images_per_s=config.batch_size / timing["median_s"])
 
 
-def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup):
-  """`inference.benchmark_sampling` of random multi-step and one-step pipelines of `config`."""
+def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup, models=SAMPLING_MODELS):
+  """`inference.benchmark_sampling` of random multi-step and/or one-step pipelines of `config`."""
+  unknown = set(models) - set(SAMPLING_MODELS)
+  if unknown or not models:
+    raise ValueError(f"--sampling_models={','.join(models)}: expected a non-empty subset of "
+                     f"{SAMPLING_MODELS}")
   pairs = []
   for item in sizes:
     try:
@@ -514,15 +522,16 @@ def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup):
       raise ValueError(f"--sizes: {item!r} is not LR_SIDE:HR_SIDE (e.g. 128:512)") from e
     pairs.append((lr_side, hr_side))
   return inference.benchmark_sampling(
-      inference.random_pipeline(config), inference.random_pipeline(config, one_step=True),
+      inference.random_pipeline(config) if "multistep" in models else None,
+      inference.random_pipeline(config, one_step=True) if "onestep" in models else None,
       sizes=tuple(pairs), multistep_steps=sampling_steps, cfg_scale=config.eval.cfg_scale,
       repeats=num_steps, warmup=warmup, seed=config.seed)
 
 
 def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
         degradation_batch=8, degradation_size=512, sizes=("128:512", "256:1024"),
-        sampling_steps=25, step="train", depth=None, per_device_batch=None, memory_gb=80.0,
-        probe_batches=(2, 8)):
+        sampling_steps=25, sampling_models=SAMPLING_MODELS, step="train", depth=None,
+        per_device_batch=None, memory_gb=80.0, probe_batches=(2, 8)):
   """Runs benchmark `what` (one of `MODES`) on `config`; arguments as the flags of the same names.
 
   Returns:
@@ -563,7 +572,7 @@ def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
     result = bench_pipeline(config, folder, num_steps=num_steps, warmup=warmup)
   else:
     result = bench_sampling(config, sizes=sizes, sampling_steps=sampling_steps,
-                            num_steps=num_steps, warmup=warmup)
+                            num_steps=num_steps, warmup=warmup, models=tuple(sampling_models))
   device = jax.devices()[0]
   return {**dict(what=what, model_variant=config.model.variant, dtype=config.dtype,
                  device_kind=device.device_kind, device_count=jax.device_count(),
@@ -585,7 +594,8 @@ def main(argv):
             peak_tflops=_PEAK_TFLOPS.value, folder=_FOLDER.value,
             degradation_batch=_DEGRADATION_BATCH.value,
             degradation_size=_DEGRADATION_SIZE.value, sizes=_SIZES.value,
-            sampling_steps=_SAMPLING_STEPS.value, step=_STEP.value, depth=_DEPTH.value,
+            sampling_steps=_SAMPLING_STEPS.value, sampling_models=_SAMPLING_MODELS.value,
+            step=_STEP.value, depth=_DEPTH.value,
             per_device_batch=_PER_DEVICE_BATCH.value, memory_gb=_MEMORY_GB.value,
             probe_batches=_PROBE_BATCHES.value))
   text = json.dumps(result, indent=2)
