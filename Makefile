@@ -35,6 +35,7 @@ SAMPLE_FLAGS ?= --tile-size=64 --tile-overlap=16 --cfg-scale=1.0 --color-fix=non
 FIDELITY_NOISE ?= 0.5
 METRICS ?= psnr,ssim,niqe
 TIMED = $(PY) -m vosr_jax.demo time --log=$(WORKDIR)/timings.json
+SAMPLE = $(PY) -m vosr_jax.sample --input=$(DATA)/heldout_lr $(SAMPLE_FLAGS)
 
 demo: $(STAMP)
 	rm -rf $(WORKDIR)/timings.json $(WORKDIR)/multistep $(WORKDIR)/onestep $(SR)
@@ -44,26 +45,17 @@ demo: $(STAMP)
 	$(TIMED) distill_onestep -- $(PY) -m vosr_jax.main --config=configs/onestep.py:demo \
 	  --workdir=$(WORKDIR)/onestep --config.data.sources=$(DATA)/train \
 	  --config.model.path=$(WORKDIR)/multistep $(OS_FLAGS)
-	$(TIMED) sample_multistep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/multistep \
-	  --input=$(DATA)/heldout_lr --output=$(SR)/multistep --steps=$(MS_STEPS) $(SAMPLE_FLAGS)
-	$(TIMED) sample_onestep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/onestep \
-	  --input=$(DATA)/heldout_lr --output=$(SR)/onestep $(SAMPLE_FLAGS)
-	$(TIMED) sample_multistep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/multistep \
-	  --input=$(DATA)/heldout_lr --output=$(SR)/multistep_fidelity --steps=$(MS_STEPS) \
-	  --noise-scale=$(FIDELITY_NOISE) $(SAMPLE_FLAGS)
-	$(TIMED) sample_onestep -- $(PY) -m vosr_jax.sample --checkpoint=$(WORKDIR)/onestep \
-	  --input=$(DATA)/heldout_lr --output=$(SR)/onestep_fidelity \
-	  --noise-scale=$(FIDELITY_NOISE) $(SAMPLE_FLAGS)
+	$(TIMED) sample_multistep -- $(SAMPLE) --checkpoint=$(WORKDIR)/multistep \
+	  --output=$(SR)/multistep --steps=$(MS_STEPS)
+	$(TIMED) sample_onestep -- $(SAMPLE) --checkpoint=$(WORKDIR)/onestep --output=$(SR)/onestep
+	$(TIMED) sample_multistep -- $(SAMPLE) --checkpoint=$(WORKDIR)/multistep \
+	  --output=$(SR)/multistep_fidelity --steps=$(MS_STEPS) --noise-scale=$(FIDELITY_NOISE)
+	$(TIMED) sample_onestep -- $(SAMPLE) --checkpoint=$(WORKDIR)/onestep \
+	  --output=$(SR)/onestep_fidelity --noise-scale=$(FIDELITY_NOISE)
 	$(TIMED) bicubic -- $(PY) -m vosr_jax.demo bicubic --input=$(DATA)/heldout_lr \
 	  --output=$(SR)/bicubic
-	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/bicubic --gt=$(DATA)/heldout_hr \
-	  --metrics=$(METRICS)
-	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/multistep \
-	  --gt=$(DATA)/heldout_hr --metrics=$(METRICS)
-	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/onestep --gt=$(DATA)/heldout_hr \
-	  --metrics=$(METRICS)
-	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/multistep_fidelity \
-	  --gt=$(DATA)/heldout_hr --metrics=$(METRICS)
-	$(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/onestep_fidelity \
-	  --gt=$(DATA)/heldout_hr --metrics=$(METRICS)
+	for method in bicubic multistep onestep multistep_fidelity onestep_fidelity; do \
+	  $(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/$$method \
+	    --gt=$(DATA)/heldout_hr --metrics=$(METRICS) || exit 1; \
+	done
 	$(PY) -m vosr_jax.demo report --workdir=$(WORKDIR) --fidelity-noise=$(FIDELITY_NOISE)

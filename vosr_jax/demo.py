@@ -151,20 +151,18 @@ def timed(log, name, command):
 
 
 def _load_metrics(workdir):
-  """{method: metrics.json dict} of the three evaluated folders; an error names a missing one."""
+  """{method: metrics.json dict} of the METHODS folders (an error names a missing one) and of the
+  FIDELITY folders that exist."""
   results = {}
-  for method, _ in METHODS:
+  for (method, _), required in [(m, True) for m in METHODS] + [(m, False) for m in FIDELITY]:
     path = os.path.join(workdir, "sr", method, "metrics.json")
     if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} is missing: run `python -m vosr_jax.evaluate --pred="
-                              f"{os.path.dirname(path)} ...` first (make demo does)")
+      if required:
+        raise FileNotFoundError(f"{path} is missing: run `python -m vosr_jax.evaluate --pred="
+                                f"{os.path.dirname(path)} ...` first (make demo does)")
+      continue
     with open(path, encoding="utf-8") as f:
       results[method] = json.load(f)
-  for method, _ in FIDELITY:
-    path = os.path.join(workdir, "sr", method, "metrics.json")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        results[method] = json.load(f)
   return results
 
 
