@@ -455,19 +455,15 @@ def bench_memory(what, config, mesh, *, memory_gb=80.0, probe_batches=(2, 8)):
     return fixed, per_sample, max(0, math.floor((limit - fixed) / per_sample))
 
   fixed, per_sample, predicted = fit(b1, b2)
-  verified, tried = None, []
-  candidate = predicted
-  for _ in range(2):  # The prediction, then at most one step down.
-    if candidate < 1:
-      break
+  candidate, verified, tried = predicted, None, []
+  while verified is None and candidate >= 1 and len(tried) < 2:  # Prediction, then a step down.
     tried.append(candidate)
     if peak(candidate) <= limit:
       verified = candidate
-      break
-    if len(tried) == 2:
-      break
-    _, _, refit = fit(b2, candidate) if candidate != b2 else fit(b1, b2)
-    candidate = min(refit, candidate - 1)
+    elif candidate != b2:  # Refit through the failed point (its compile is cached).
+      candidate = min(fit(b2, candidate)[2], candidate - 1)
+    else:
+      candidate -= 1
   first = records[b1]
   return dict(
       step=what, limit_bytes=limit, memory_gb=memory_gb,
