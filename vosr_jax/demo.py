@@ -35,6 +35,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from vosr_jax import cli_utils
+
 TRAIN = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina",
          "stereo_motorcycle_left", "stereo_motorcycle_right")
 HELDOUT = ("chelsea", "coffee", "rocket")
@@ -57,10 +59,8 @@ def skimage_photo(name):
 
 
 def _save_png(path, array):
-  """Writes uint8 `array` as a PNG through a temporary file (no partial file is ever left)."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  Image.fromarray(array).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  """Writes uint8 `array` as a PNG atomically (`cli_utils.atomic_write`)."""
+  cli_utils.atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def degrade_lr(images, degradation_config, key):
@@ -106,9 +106,8 @@ def prepare(out):
     # BMP, not PNG: the pipeline decodes a whole photo for every random crop, and a 1411^2 PNG
     # takes about 0.1-0.2 s to decode on these cores (BMP: under 10 ms).
     image = Image.fromarray(skimage_photo(name))
-    tmp = os.path.join(folders["train"], f".{name}.{os.getpid()}.tmp")
-    image.save(tmp, format="BMP")
-    os.replace(tmp, os.path.join(folders["train"], f"{name}.bmp"))
+    cli_utils.atomic_write(os.path.join(folders["train"], f"{name}.bmp"),
+                           lambda f, image=image: image.save(f, format="BMP"))
     print(f"train: {name}")
   hrs = []
   for name in HELDOUT:
@@ -144,8 +143,7 @@ def timed(log, name, command):
       timings = json.load(f)
   timings[name] = round(timings.get(name, 0.0) + seconds, 1)
   os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
-  with open(log, "w", encoding="utf-8") as f:
-    json.dump(timings, f, indent=2)
+  cli_utils.atomic_write_text(log, json.dumps(timings, indent=2))
   print(f"[{name}: {seconds:.1f} s]", file=sys.stderr)
   return status
 
@@ -255,10 +253,7 @@ def report(workdir, data, fidelity_noise=0.5):
             "weights (config.encoder.init='random'); set config.encoder.path to converted DINOv2 "
             "weights to use real ones."]
   text = "\n".join(lines) + "\n"
-  tmp = os.path.join(workdir, f".report.md.{os.getpid()}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, os.path.join(workdir, "report.md"))
+  cli_utils.atomic_write_text(os.path.join(workdir, "report.md"), text)
   return text
 
 
@@ -282,6 +277,11 @@ def main(argv=None):
   a.add_argument("--fidelity-noise", type=float, default=0.5,
                  help="the --noise-scale of sr/{multistep,onestep}_fidelity (for the titles)")
   args = p.parse_args(argv)
+  errors = []
+  cli_utils.check_range(errors, "--upscale", getattr(args, "upscale", None), 1)
+  cli_utils.check_range(errors, "--fidelity-noise", getattr(args, "fidelity_noise", None), 0.0)
+  if errors:
+    p.error("; ".join(errors))
   if args.command == "prepare":
     prepare(args.out)
   elif args.command == "bicubic":

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from vosr_jax import cli_utils
 from vosr_jax import metrics as M
 
 OUTPUT_FILES = ("metrics.json", "metrics.csv")
@@ -267,20 +267,6 @@ def _finite_or_str(x):
   return x
 
 
-def _atomic_write(path, text):
-  """Writes `text` to `path` through a temporary file in the same folder and os.replace."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def write_results(result, out_dir):
   """Writes `metrics.json` and `metrics.csv` (one row per image, then a "(mean)" row).
 
@@ -294,7 +280,8 @@ def write_results(result, out_dir):
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   json_path, csv_path = (out_dir / name for name in OUTPUT_FILES)
-  _atomic_write(json_path, json.dumps(_finite_or_str(result), indent=2, allow_nan=False) + "\n")
+  cli_utils.atomic_write_text(
+      json_path, json.dumps(_finite_or_str(result), indent=2, allow_nan=False) + "\n")
   names = result["settings"]["metrics"]
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")
@@ -303,7 +290,7 @@ def write_results(result, out_dir):
     writer.writerow([stem] + [repr(values[n]) for n in names])
   writer.writerow(["(mean)"] + ["" if result["mean"][n] is None else repr(result["mean"][n])
                                 for n in names])
-  _atomic_write(csv_path, buf.getvalue())
+  cli_utils.atomic_write_text(csv_path, buf.getvalue())
   return json_path, csv_path
 
 
@@ -334,7 +321,10 @@ def _parse_args(argv):
   p.add_argument("--out-dir", help="where metrics.json/csv go (default: the --pred folder)")
   p.add_argument("--niqe-params", help=f"NIQE pristine-model npz (default: ${M.NIQE_PARAMS_ENV} "
                                        f"or the packaged copy)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.crop_border < 0:
+    p.error(f"--crop-border={args.crop_border} must be >= 0")
+  return args
 
 
 def main(argv=None):
@@ -342,6 +332,9 @@ def main(argv=None):
   args = _parse_args(argv)
   metrics = tuple(n.strip().lower() for n in args.metrics.split(",") if n.strip())
   try:
+    if args.out_dir or os.path.isdir(args.pred):  # A missing --pred is reported below.
+      cli_utils.check_output_folder(args.out_dir or args.pred,
+                                    "--out-dir" if args.out_dir else "--pred (the output folder)")
     result = evaluate_folders(args.pred, args.gt, metrics, args.crop_border, args.y_channel,
                               args.niqe_params, progress=True)
   except (ValueError, OSError, ImportError, RuntimeError) as e:
