@@ -135,12 +135,18 @@ def test_bad_input_table(workdir, tmp_path, capsys):
   assert _no_temp_files(out)
 
 
-def test_too_large_without_tiling_is_refused_with_a_hint(workdir, tmp_path, capsys):
-  _save(tmp_path / "in", _rgb(9), "big.png")
-  assert _run(workdir, tmp_path / "in", tmp_path / "out", "--max-pixels", "1000") == 1
+def test_too_many_tokens_are_refused_with_a_hint(workdir, tmp_path, capsys):
+  """The guard counts denoiser tokens: a long thin 3000x20 input is 60000 tokens of this
+  pixel-space model (4x4 px each at x4), though under 1 megapixel."""
+  _save(tmp_path / "in", _rgb(9, 20, 3000), "thin.png")
+  assert _run(workdir, tmp_path / "in", tmp_path / "out") == 1
   line = capsys.readouterr().out.splitlines()[0]
-  assert "exceeds --max-pixels=1000" in line and "--tile-size" in line
-  assert not (tmp_path / "out" / "big.png").exists()
+  assert "12000x80 output is 60000 denoiser tokens" in line and "--tile-size=512" in line
+  # Tiled, one 64 px tile is 256 tokens: over a limit of 100, a smaller tile is the hint.
+  assert _run(workdir, tmp_path / "in", tmp_path / "out", "--tile-size=64", "--tile-overlap=16",
+              "--max-tokens=100") == 1
+  assert "one 64x64 tile is 256 denoiser tokens" in capsys.readouterr().out
+  assert not (tmp_path / "out" / "thin.png").exists()
 
 
 def test_existing_output_is_kept_without_overwrite(workdir, tmp_path, capsys):

@@ -7,6 +7,8 @@ r"""Super-resolves images with a trained or converted VOSR model.
 Each input gives `<output>/<input stem>.png` (8-bit, rounded; RGBA when the input has alpha).
 Per-image noise comes from `--seed` and the file name, so a result does not depend on the other
 files. Inputs that cannot be processed are reported and written nowhere; the exit status is then 1.
+Bad flags, a missing or damaged --checkpoint and an --output that cannot be written are one line
+`error: ...` and exit status 2, before any image is computed.
 See README, "Sampling", for the presets and the bad-input table.
 """
 import argparse
@@ -21,11 +23,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from vosr_jax import color_fix, inference, sampling
+from vosr_jax import cli_utils, color_fix, inference, sampling
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg")}
 MULTISTEP_STEPS, ONESTEP_STEPS = 25, 1
+# Denoiser tokens of a 2048x2048 output of the released models (8x autoencoder, 2x2 patches):
+# what the attention of one call may hold by default.
+MAX_TOKENS = (2048 // 16) ** 2
 
 
 Item = collections.namedtuple("Item", "name path out")  # input name, input file, output file
@@ -61,8 +66,9 @@ def parse_args(argv):
   p.add_argument("--vae-tile-size", type=int, default=1024,
                  help="autoencoder tile side in pixels for larger images (0: never tile)")
   p.add_argument("--vae-tile-overlap", type=int, default=64, help="autoencoder tile overlap")
-  p.add_argument("--max-pixels", type=int, default=2048 * 2048,
-                 help="largest output (pixels) denoised without --tile-size")
+  p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                 help="most denoiser tokens (attention length) in one call: an untiled image or "
+                 f"one tile (default {MAX_TOKENS}: a 2048x2048 output of the released models)")
   p.add_argument("--color-fix", choices=color_fix.METHODS, default="adain")
   p.add_argument("--seed", type=int, default=42)
   p.add_argument("--batch-size", type=int, default=1, help="images of the same size per call")
@@ -70,14 +76,57 @@ def parse_args(argv):
   p.add_argument("--format", choices=sorted(FORMATS), default="png")
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   args = p.parse_args(argv)
-  for name in ("upscale", "batch_size", "max_pixels"):
-    if getattr(args, name) < 1:
-      p.error(f"--{name.replace('_', '-')} must be at least 1")
-  if args.steps is not None and args.steps < 1:
-    p.error("--steps must be at least 1")
-  if args.noise_scale < 0:
-    p.error("--noise-scale must be at least 0")
+  errors = flag_errors(args)
+  if errors:
+    p.error("; ".join(errors))
   return args
+
+
+def flag_errors(args):
+  """Range checks of the numeric flags that need no model; a list of messages."""
+  errors = []
+  for flag, value in (("--upscale", args.upscale), ("--batch-size", args.batch_size),
+                      ("--steps", args.steps), ("--max-tokens", args.max_tokens)):
+    cli_utils.check_range(errors, flag, value, 1)
+  for flag, value in (("--noise-scale", args.noise_scale),
+                      ("--weak-strength", args.weak_strength)):
+    cli_utils.check_range(errors, flag, value, 0.0)
+  cli_utils.check_range(errors, "--cfg-scale", args.cfg_scale)
+  cli_utils.check_range(errors, "--seed", args.seed, -2**63, 2**63 - 1)
+  for size, overlap in (("tile_size", "tile_overlap"), ("vae_tile_size", "vae_tile_overlap")):
+    size_flag, overlap_flag = ("--" + name.replace("_", "-") for name in (size, overlap))
+    tile, over = getattr(args, size), getattr(args, overlap)
+    cli_utils.check_range(errors, size_flag, tile, 1, allow=(0,))
+    cli_utils.check_range(errors, overlap_flag, over, 0)
+    if tile > 0 and over >= tile:
+      errors.append(f"{overlap_flag}={over} must be below {size_flag}={tile}")
+  return errors
+
+
+def geometry_errors(args, networks):
+  """Checks of the tile flags against the model's geometry (after loading); a list of messages.
+
+  Denoiser tiles are `--tile-size` rounded down to a multiple of m = autoencoder factor x patch
+  (at least m); autoencoder tiles are `--vae-tile-size` rounded down to the autoencoder factor.
+  """
+  errors = []
+  d, m = networks.downsample, networks.multiple
+  if args.tile_size:
+    tile = (args.tile_size // m) * m
+    if tile < m:
+      errors.append(f"--tile-size={args.tile_size} is below this model's smallest tile, {m} px "
+                    f"(autoencoder factor {d} x patch {networks.patch_size})")
+    elif args.tile_overlap // d >= tile // d:
+      errors.append(f"--tile-overlap={args.tile_overlap} leaves no stride: tiles are {tile} px "
+                    f"(--tile-size rounded down to a multiple of {m})")
+  if args.vae_tile_size:
+    tile = (args.vae_tile_size // d) * d
+    if tile < d:
+      errors.append(f"--vae-tile-size={args.vae_tile_size} is below the autoencoder factor {d}")
+    elif args.vae_tile_overlap // d >= tile // d:
+      errors.append(f"--vae-tile-overlap={args.vae_tile_overlap} leaves no stride: autoencoder "
+                    f"tiles are {tile} px (--vae-tile-size rounded down to a multiple of {d})")
+  return errors
 
 
 def list_inputs(path):
@@ -143,18 +192,11 @@ def upscale(x, size):
 
 
 def write_image(path, rgb, alpha, pil_format):
-  """Writes uint8 `rgb` (H, W, 3) [+ `alpha` (H, W)] atomically (temporary file, then rename)."""
+  """Writes uint8 `rgb` (H, W, 3) [+ `alpha` (H, W)] atomically (`cli_utils.atomic_write`)."""
   image = Image.fromarray(rgb)
   if alpha is not None and pil_format == "PNG":
     image.putalpha(Image.fromarray(alpha))
-  folder, name = os.path.split(path)
-  tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-  try:
-    image.save(tmp, format=pil_format)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  cli_utils.atomic_write(path, lambda f: image.save(f, format=pil_format))
 
 
 def _plan(args):
@@ -187,14 +229,31 @@ class Sampler:
     pixel limit. Raises InputError."""
     rgb, alpha = read_image(item.path)
     size = (rgb.shape[1] * self.args.upscale, rgb.shape[0] * self.args.upscale)
-    if size[0] * size[1] > self.args.max_pixels and not self.args.tile_size:
-      raise InputError(f"{item.path}: the {size[0]}x{size[1]} output exceeds --max-pixels="
-                       f"{self.args.max_pixels} for untiled sampling; pass --tile-size=512 (or "
-                       "raise --max-pixels if the accelerator memory allows)")
+    self.check_tokens(item, size)
     up = np.clip(upscale(rgb, size), 0.0, 1.0) * 2.0 - 1.0
     if alpha is not None:
       alpha = np.clip(np.round(upscale(alpha, size) * 255.0), 0, 255).astype(np.uint8)
     return up.astype(np.float32), alpha
+
+  def check_tokens(self, item, size):
+    """Raises InputError when one denoiser call on an output of `size` (W, H) pixels (the whole
+    image, or one tile) holds more than --max-tokens tokens: attention memory grows with their
+    square, whatever the pixel count (a pixel-space model has one token per p x p pixels)."""
+    networks, limit = self.pipeline.networks, self.args.max_tokens
+    tiles = sampling.layout(networks, size[::-1], self.settings)
+    p, m = networks.patch_size, networks.multiple
+    if tiles is None:
+      h, w = sampling.padded_size(size[::-1], m)
+      tokens, what = (h // m) * (w // m), f"the {size[0]}x{size[1]} output"
+      hint = "pass --tile-size=512"
+    else:
+      tokens = (tiles.size[0] // p) * (tiles.size[1] // p)
+      what = f"one {tiles.size[1] * networks.downsample}x{tiles.size[0] * networks.downsample} tile"
+      hint = "pass a smaller --tile-size"
+    if tokens > limit:
+      raise InputError(f"{item.path}: {what} is {tokens} denoiser tokens ({m}x{m} px each), above "
+                       f"--max-tokens={limit}; {hint} (or raise --max-tokens if the accelerator "
+                       "memory allows)")
 
   def run(self, items, images):
     """Super-resolves a batch (all the same size) -> uint8 (B, H, W, 3) numpy."""
@@ -225,9 +284,13 @@ def main(argv=None):
       print(f"{item.name}: skipped, {item.out} exists (pass --overwrite to replace it)")
     if not todo:
       return 0
+    cli_utils.check_output_folder(args.output, "--output")
     pipeline = inference.load_pipeline(args.checkpoint, encoder=args.encoder,
                                        autoencoder=args.autoencoder, dtype=args.dtype)
-  except (FileNotFoundError, ValueError) as e:
+    errors = geometry_errors(args, pipeline.networks)
+    if errors:
+      raise ValueError("; ".join(errors))
+  except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   one_step = pipeline.networks.one_step
@@ -239,7 +302,6 @@ def main(argv=None):
       noise_scale=args.noise_scale)
   print(f"{pipeline.source}: {'one-step' if one_step else 'multi-step'} model, {settings}",
         file=sys.stderr)
-  os.makedirs(args.output, exist_ok=True)
   sampler = Sampler(pipeline, settings, args)
   pil_format = FORMATS[args.format][0]
   report, pending = {}, {}
