@@ -7,12 +7,85 @@ Orbax writes into a temporary folder and renames it when complete, so a checkpoi
 written.
 
 `TrainCheckpointer` saves and restores the train state with the data-iterator state and the config.
+
+Failures of the storage layer become two errors that name the folder: `DamagedCheckpoint` (a
+committed checkpoint that cannot be read: a data file, the manifest or an item missing or
+truncated) and `CheckpointNotWritten` (a save that failed, e.g. a full disk; Orbax never commits a
+partial step, so the earlier steps stay intact).
 """
+import contextlib
 import json
+import logging as logging_std
 import os
+import re
+import time
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class DamagedCheckpoint(ValueError):
+  """A committed checkpoint folder that cannot be read back."""
+
+
+class CheckpointNotWritten(OSError):
+  """A save that failed (nothing was committed for its step)."""
+
+
+def _damage(error):
+  """What is wrong with a checkpoint, read off the storage layer's error; None when `error` is not
+  about unreadable files (e.g. a shape mismatch, which the callers report as such)."""
+  text = str(error)
+  if isinstance(error, KeyError) and "was not found in the checkpoint" in text:
+    return f"item '{text.split(chr(34))[1]}' missing"
+  if isinstance(error, FileNotFoundError):
+    return f"a file is missing ({error.filename or text})"
+  if isinstance(error, json.JSONDecodeError):
+    return f"unreadable JSON ({error.msg})"
+  if "NOT_FOUND" in text or "does not exist" in text:
+    return "a data file or the manifest is missing"
+  if type(error) is Exception or "DATA_LOSS" in text:  # pylint: disable=unidiomatic-typecheck
+    # TensorStore reports a truncated or missing chunk as a bare Exception.
+    return "a data file is missing or truncated"
+  return None
+
+
+def _write_error(error):
+  """The system's reason of a failed write ('No space left on device'), or the error's text."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  match = re.search(r": ([^:\[]+?) \[os_error_code='(\d+)'\]", str(error))
+  return match[1] if match else str(error).splitlines()[0][:200]
+
+
+class _OneLineStorageErrors(logging_std.Filter):
+  """Orbax logs a failed background write with its traceback, then re-raises it in the main
+  thread, where `CheckpointNotWritten` reports it in one line: keep Orbax's line, drop the
+  traceback."""
+
+  def filter(self, record):
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+      record.exc_info = record.exc_text = None
+    return True
+
+
+logging.get_absl_logger().addFilter(_OneLineStorageErrors())
+
+
+@contextlib.contextmanager
+def _reading(folder):
+  """Turns the storage layer's errors about unreadable files under `folder` into
+  `DamagedCheckpoint` naming the folder."""
+  try:
+    yield
+  except Exception as e:  # Orbax and TensorStore raise many types, some bare Exception.
+    reason = _damage(e)
+    if reason is None:
+      raise
+    raise DamagedCheckpoint(f"{folder}: damaged checkpoint, {reason}") from e
 
 
 def save_params(path, params, metadata):
@@ -26,7 +99,7 @@ def save_params(path, params, metadata):
 def load_metadata(path):
   """Reads the metadata dict of a parameter checkpoint written by `save_params`."""
   path = _existing_checkpoint(path)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+  with _reading(path), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     return checkpointer.restore(path, ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
 
 
@@ -36,9 +109,11 @@ def load_params(path, abstract_params=None):
   Args:
     path: a folder written by `save_params`.
     abstract_params: optional pytree of `jax.ShapeDtypeStruct` (with shardings) to restore onto.
+  Raises:
+    FileNotFoundError: no checkpoint there; DamagedCheckpoint: one that cannot be read.
   """
   path = _existing_checkpoint(path)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+  with _reading(path), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(path, ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params), metadata=ocp.args.JsonRestore()))
   return restored.params, restored.metadata
@@ -72,12 +147,14 @@ class TrainCheckpointer:
   `config.checkpoint.async_save`; Orbax writes a temporary folder and renames it on commit, so a
   killed process never leaves a checkpoint that `latest_step` would pick.
 
-  Resume order: check the saved config (before any compute) -> build the state -> `restore` the
-  state onto its shardings and the iterator in place -> continue from `state.step`.
+  Resume order: check the saved config (before any compute) -> build the state ->
+  `restore_latest`: the state onto its shardings, then the iterator in place -> continue from
+  `state.step`. A step that cannot be read is renamed `<step>.damaged-<time>` (out of Orbax's
+  view, nothing deleted) with a warning, and the next older step is tried.
   """
 
   def __init__(self, workdir, config):
-    """Opens (creating if needed) `<workdir>/checkpoints` and checks the latest saved config.
+    """Opens (creating if needed) `<workdir>/checkpoints` and checks the newest readable config.
 
     Raises:
       ValueError: when the latest checkpoint was written by a config with another architecture.
@@ -88,10 +165,17 @@ class TrainCheckpointer:
         enable_async_checkpointing=config.checkpoint.async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.config_json = json.loads(config.to_json_best_effort())
-    step = self.latest_step()
-    if step is not None:
-      saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    self._pending = None  # The step of an async save not yet known to be committed.
+    while (step := self.latest_step()) is not None:
+      try:
+        with _reading(self.step_folder(step)):
+          saved = self.manager.restore(step, args=ocp.args.Composite(
+              config=ocp.args.JsonRestore()))
+      except DamagedCheckpoint as e:
+        self._set_aside(step, e)
+        continue
       self._check_compatible(saved.config, step)
+      break
 
   def _check_compatible(self, saved, step):
     diffs = []
@@ -104,27 +188,88 @@ class TrainCheckpointer:
           f"The checkpoint of step {step} in {self.directory} was written by another config ("
           + "; ".join(diffs) + "). Use another --workdir or the config it was trained with.")
 
+  def step_folder(self, step):
+    return os.path.join(self.directory, str(step))
+
+  def _set_aside(self, step, error):
+    """Renames the damaged folder of `step` out of Orbax's view (process 0) and rescans."""
+    target = f"{self.step_folder(step)}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    logging.warning("%s; moved to %s, resuming from an older step.", error, target)
+    if jax.process_index() == 0:
+      os.rename(self.step_folder(step), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self.manager.reload()
+
   def latest_step(self):
     """The last committed step, or None."""
     return self.manager.latest_step()
 
   def save(self, step, state, data_iter):
-    """Starts saving (async if configured) `state` and `data_iter` at `step`."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(self.config_json)), force=True)
+    """Starts saving (async if configured) `state` and `data_iter` at `step`.
+
+    Raises:
+      CheckpointNotWritten: this save, or the pending async one it waits for, failed (e.g. disk
+        full).
+    """
+    with self._writing(step if self._pending is None else self._pending):
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data_iter=grain.checkpoint.CheckpointSave(data_iter),
+          config=ocp.args.JsonSave(self.config_json)), force=True)
+    self._pending = step
 
   def restore(self, step, abstract_state, data_iter):
     """Restores the state of `step` onto the shardings of `abstract_state` (a pytree of
-    `jax.ShapeDtypeStruct` with `sharding`) and sets `data_iter` to its saved position."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored.state
+    `jax.ShapeDtypeStruct` with `sharding`), then sets `data_iter` to its saved position (only
+    once the state has been read, so a damaged step leaves the iterator as it was).
+
+    Raises:
+      DamagedCheckpoint: naming the step folder.
+    """
+    with _reading(self.step_folder(step)):
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state))).state
+      self.manager.restore(step, args=ocp.args.Composite(
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    return state
+
+  def restore_latest(self, abstract_state, data_iter):
+    """(step, state) of the newest step that restores, or (None, None) when none does. Damaged
+    steps on the way are set aside (see the class docstring)."""
+    while (step := self.latest_step()) is not None:
+      try:
+        return step, self.restore(step, abstract_state, data_iter)
+      except DamagedCheckpoint as e:
+        self._set_aside(step, e)
+    return None, None
 
   def wait(self):
-    """Blocks until pending async saves are committed."""
-    self.manager.wait_until_finished()
+    """Blocks until pending async saves are committed.
+
+    Raises:
+      CheckpointNotWritten: a pending save failed.
+    """
+    with self._writing(self._pending):
+      self.manager.wait_until_finished()
+    self._pending = None
+
+  @contextlib.contextmanager
+  def _writing(self, step):
+    """Turns a failed save into `CheckpointNotWritten` naming the intact latest step."""
+    try:
+      yield
+    except Exception as e:  # Orbax re-raises TensorStore write errors as ValueError.
+      if not isinstance(e, OSError) and "RESOURCE_EXHAUSTED" not in str(e) \
+          and "os_error_code" not in str(e):
+        raise
+      self._pending = None
+      intact = self.manager.latest_step()
+      raise CheckpointNotWritten(
+          f"{self.directory}: the checkpoint of step {step} was not written ({_write_error(e)}); "
+          + (f"the checkpoint of step {intact} is intact" if intact is not None
+             else "no earlier checkpoint") + ". Free space (or fix the folder) and rerun the "
+          "same command to resume.") from e
 
   def close(self):
     self.manager.close()
@@ -140,13 +285,15 @@ def latest_train_config(workdir):
 
   Raises:
     FileNotFoundError: when the workdir holds no committed checkpoint.
+    DamagedCheckpoint: when the latest one cannot be read.
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   with ocp.CheckpointManager(directory) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"{directory}: no committed training checkpoint")
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    with _reading(os.path.join(directory, str(step))):
+      saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return step, saved.config
 
 
@@ -160,10 +307,12 @@ def load_train_ema(workdir, abstract_params):
     (ema_params, step, config): the parameters, the step and the saved config (dict).
   Raises:
     FileNotFoundError: when the workdir holds no committed checkpoint.
+    DamagedCheckpoint: when the latest one cannot be read.
   """
   step, config = latest_train_config(workdir)
   item = {"ema_params": abstract_params}
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as manager:
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with _reading(os.path.join(directory, str(step))), ocp.CheckpointManager(directory) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)))

@@ -95,6 +95,8 @@ def _load(folder, make):
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(metadata["kwargs"], nnx.Rngs(0))))
   try:
     params, _ = checkpoint.load_params(folder, abstract.to_pure_dict())
+  except checkpoint.DamagedCheckpoint:
+    raise
   except (ValueError, KeyError) as e:
     raise ValueError(f"{folder}: the parameters do not match the {metadata['kind']!r} network its "
                      f"metadata describes: {e}") from e

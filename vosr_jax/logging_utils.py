@@ -15,6 +15,29 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from vosr_jax import cli_utils
+
+
+def truncate_jsonl(path, last_step):
+  """Keeps the rows of the JSONL log `path` with step <= `last_step` (none when it is 0), and
+  drops an unreadable last line (a process killed mid-write). Rewrites the file atomically."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      continue
+    if 0 < last_step and step <= last_step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    logging.info("%s: %d rows after step %d dropped (they are logged again from there).", path,
+                 len(lines) - len(kept), last_step)
+    cli_utils.atomic_write_text(path, "".join(kept))
+
 
 def _tensorboard_writer(logdir):
   try:
@@ -33,12 +56,16 @@ class MetricWriter:
   `<workdir>/samples/<name>_<step>.png`, and TensorBoard events in `<workdir>` when available.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, resume_step=0):
+    """Opens the sinks; `metrics.jsonl` first loses its rows after `resume_step` (all of them for
+    a fresh run, `resume_step` 0): a resumed run writes those steps again."""
     self.enabled = jax.process_index() == 0
     self.workdir = workdir
     if self.enabled:
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      truncate_jsonl(path, resume_step)
+      self._jsonl = open(path, "a")
       self._tb = _tensorboard_writer(workdir)
 
   def write_scalars(self, step, scalars):
@@ -59,7 +86,7 @@ class MetricWriter:
     if not self.enabled:
       return
     path = os.path.join(self.workdir, "samples", f"{name}_{int(step):08d}.png")
-    Image.fromarray(np.asarray(image)).save(path)
+    cli_utils.atomic_write(path, lambda f: Image.fromarray(np.asarray(image)).save(f, "PNG"))
     if self._tb is not None:
       self._tb.add_image(name, np.asarray(image), step, dataformats="HWC")
 

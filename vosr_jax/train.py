@@ -30,7 +30,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from vosr_jax import checkpoint, logging_utils, metrics, models, objectives, sharding, steps
+from vosr_jax import checkpoint, cli_utils, logging_utils, metrics, models, objectives
+from vosr_jax import sharding, steps
 from vosr_jax.data import pipeline
 from vosr_jax.models import dit
 
@@ -60,8 +61,43 @@ class _StopSignal:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+# Numeric config fields and their valid range [low, high] (None: unbounded); the fields of a
+# section that the config lacks (`distill` of multistep runs) are not checked.
+RANGES = (
+    ("total_steps", 1, None), ("batch_size", 1, None), ("ema_decay", 0.0, 1.0),
+    ("log_every_steps", 1, None), ("checkpoint.every_steps", 1, None),
+    ("checkpoint.max_to_keep", 1, None), ("eval.every_steps", 0, None),
+    ("eval.num_images", 1, None), ("eval.num_steps", 1, None), ("eval.crop_border", 0, None),
+    ("eval.weak_strength", 0.0, None), ("eval.cfg_scale", None, None),
+    ("optim.lr", 0.0, None), ("optim.b1", 0.0, 1.0), ("optim.b2", 0.0, 1.0),
+    ("optim.eps", 0.0, None), ("optim.weight_decay", 0.0, None),
+    ("optim.grad_clip_norm", 0.0, None), ("optim.warmup_steps", 0, None),
+    ("optim.decay_steps", 0, None), ("encoder.tap_layer", 0, None),
+    ("encoder.image_size", 1, None), ("objective.time_sigma", 0.0, None),
+    ("objective.cond_strength_sigma", 0.0, None), ("data.resolution", 16, None),
+    ("data.num_workers", 0, None), ("data.num_threads", 1, None), ("data.prefetch", 1, None),
+    ("data.warn_every", 1, None), ("degradation.scale", 1, None),
+    ("distill.cfg_scale", None, None), ("distill.t_start", 0.0, 1.0), ("distill.t_end", 0.0, 1.0),
+    ("distill.u_weight", 0.0, None), ("distill.beta_a", 0.0, None),
+    ("distill.beta_b", 0.0, None), ("distill.delta", 0.0, 1.0), ("distill.n_steps", 1, None))
+
+
+def _range_errors(config):
+  errors = []
+  for key, low, high in RANGES:
+    section, _, name = key.rpartition(".")
+    if section and section not in config:
+      continue
+    value = (config[section] if section else config)[name]
+    cli_utils.check_range(errors, f"config.{key}", value, low, high)
+  return errors
+
+
 def check_config(config):
   """Value checks that need neither devices nor files; errors name the config key."""
+  errors = _range_errors(config)
+  if errors:
+    raise ValueError("; ".join(errors))
   models.compute_dtype(config.dtype)
   if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must be >= 1 and divide "
@@ -206,6 +242,8 @@ def load_multistep_ema(config, abstract, mesh):
   if path and checkpoint.is_train_workdir(path):
     try:
       params, step, saved = checkpoint.load_train_ema(path, target)
+    except checkpoint.DamagedCheckpoint:
+      raise
     except (ValueError, KeyError) as e:
       raise ValueError(f"{key}: the latest checkpoint does not match config.model: {e}") from e
     if saved["kind"] != "multistep" or _architecture(saved["model"]) != want_arch:
@@ -231,6 +269,8 @@ def load_multistep_ema(config, abstract, mesh):
                      "needed")
   try:
     return checkpoint.load_params(path, target)[0]
+  except checkpoint.DamagedCheckpoint:
+    raise
   except (ValueError, KeyError) as e:
     raise ValueError(f"{key}: the checkpoint does not match config.model: {e}") from e
 
@@ -287,15 +327,17 @@ def _run(config, workdir, stop):
                         teacher=multistep[0] if onestep else None)
   data_iter = pipeline.make_train_iterator(config.data, config.batch_size // jax.process_count())
 
-  start = ckpt.latest_step()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  start, restored = ckpt.restore_latest(abstract, data_iter)
   if start is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
-    state = ckpt.restore(start, abstract, data_iter)
+    state = restored
     logging.info("Resumed from the checkpoint of step %d in %s.", start, ckpt.directory)
   step = int(state.step)
 
-  writer = logging_utils.MetricWriter(workdir)
+  # Rows after the restored step come from a run that was stopped before its next checkpoint:
+  # they are computed again from here.
+  writer = logging_utils.MetricWriter(workdir, resume_step=step)
   validator = Validator(config, graphs, state_sh.ema_params, frozen_sh, mesh) \
       if config.eval.every_steps else None
   if onestep:
