@@ -63,7 +63,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_dict, config_flags
 
-from vosr_jax import inference, models, sharding, steps
+from vosr_jax import cli_utils, inference, models, sharding, steps
 from vosr_jax.models import dit
 from vosr_jax.data import degradation, pipeline
 
@@ -93,32 +93,37 @@ PEAK_FLOPS = (
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
 _WHAT = flags.DEFINE_enum("what", "denoiser", MODES, "What to time.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed calls (after the warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before the timed ones.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed calls (after the warm-up).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before the timed ones.", lower_bound=0)
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
                                   "Peak TFLOP/s per device for MFU (default: PEAK_FLOPS table).")
 _FOLDER = flags.DEFINE_string("folder", None, "Image folder of --what=pipeline.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON record to this file.")
-_DEGRADATION_BATCH = flags.DEFINE_integer("degradation_batch", 8, "Batch of --what=degradation.")
+_DEGRADATION_BATCH = flags.DEFINE_integer("degradation_batch", 8, "Batch of --what=degradation.",
+                                          lower_bound=1)
 _DEGRADATION_SIZE = flags.DEFINE_integer("degradation_size", 512,
-                                         "Square image side of --what=degradation.")
+                                         "Square image side of --what=degradation.", lower_bound=16)
 _SIZES = flags.DEFINE_list("sizes", ["128:512", "256:1024"],
                            "LR_SIDE:HR_SIDE pairs of --what=sampling.")
 _SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", 25,
-                                       "Euler steps of the multi-step model in --what=sampling.")
+                                       "Euler steps of the multi-step model in --what=sampling.",
+                                       lower_bound=1)
 _SAMPLING_MODELS = flags.DEFINE_list("sampling_models", list(SAMPLING_MODELS),
                                      "Which pipelines --what=sampling times.")
 _STEP = flags.DEFINE_enum("step", "train", STEPS, "The step of --what=compile and --what=memory.")
 _DEPTH = flags.DEFINE_integer("depth", None,
-                              "Denoiser depth (config.model.overrides.depth) over the variant's.")
+                              "Denoiser depth (config.model.overrides.depth) over the variant's.",
+                              lower_bound=1)
 _PER_DEVICE_BATCH = flags.DEFINE_integer(
     "per_device_batch", None, "--what=compile: config.batch_size = this x the data-parallel size "
-    "(mesh data x fsdp); default: config.batch_size as it is.")
+    "(mesh data x fsdp); default: config.batch_size as it is.", lower_bound=1)
 _MEMORY_GB = flags.DEFINE_float("memory_gb", 80.0,
                                 "--what=memory: device memory in GB (1e9 bytes) to fit.")
 _PROBE_BATCHES = flags.DEFINE_list("probe_batches", ["2", "8"],
                                    "--what=memory: the two per-device batches of the linear fit.")
 flags.mark_flags_as_required(["config"])
+for _name in ("peak_tflops", "memory_gb"):
+  flags.register_validator(_name, lambda v: v is None or v > 0, f"--{_name} must be > 0")
 
 
 def time_fn(fn, args, steps, warmup, update=None):
@@ -516,6 +521,8 @@ def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup, models=S
       lr_side, hr_side = (int(v) for v in item.split(":"))
     except ValueError as e:
       raise ValueError(f"--sizes: {item!r} is not LR_SIDE:HR_SIDE (e.g. 128:512)") from e
+    if min(lr_side, hr_side) < 1:
+      raise ValueError(f"--sizes: {item!r} needs positive sides")
     pairs.append((lr_side, hr_side))
   return inference.benchmark_sampling(
       inference.random_pipeline(config) if "multistep" in models else None,
@@ -580,26 +587,34 @@ def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _OUTPUT.value:
+    try:
+      cli_utils.check_output_folder(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
+    except OSError as e:
+      cli_utils.usage_exit(str(e))
   config_flag = flags.FLAGS["config"]
+  try:
+    record = run(_CONFIG.value, _WHAT.value, num_steps=_STEPS.value, warmup=_WARMUP.value,
+                 peak_tflops=_PEAK_TFLOPS.value, folder=_FOLDER.value,
+                 degradation_batch=_DEGRADATION_BATCH.value,
+                 degradation_size=_DEGRADATION_SIZE.value, sizes=_SIZES.value,
+                 sampling_steps=_SAMPLING_STEPS.value, sampling_models=_SAMPLING_MODELS.value,
+                 step=_STEP.value, depth=_DEPTH.value,
+                 per_device_batch=_PER_DEVICE_BATCH.value, memory_gb=_MEMORY_GB.value,
+                 probe_batches=_PROBE_BATCHES.value)
+  except (ValueError, FileNotFoundError) as e:  # Flag and config checks, before any timing.
+    cli_utils.usage_exit(str(e))
   result = dict(
       command="python -m vosr_jax.bench " + " ".join(sys.argv[1:]),
       config=config_flags.get_config_filename(config_flag),
       config_overrides={k: str(v)
                         for k, v in config_flags.get_override_values(config_flag).items()},
-      **run(_CONFIG.value, _WHAT.value, num_steps=_STEPS.value, warmup=_WARMUP.value,
-            peak_tflops=_PEAK_TFLOPS.value, folder=_FOLDER.value,
-            degradation_batch=_DEGRADATION_BATCH.value,
-            degradation_size=_DEGRADATION_SIZE.value, sizes=_SIZES.value,
-            sampling_steps=_SAMPLING_STEPS.value, sampling_models=_SAMPLING_MODELS.value,
-            step=_STEP.value, depth=_DEPTH.value,
-            per_device_batch=_PER_DEVICE_BATCH.value, memory_gb=_MEMORY_GB.value,
-            probe_batches=_PROBE_BATCHES.value))
+      **record)
   text = json.dumps(result, indent=2)
   print(text)
   if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(text + "\n")
+    cli_utils.atomic_write_text(_OUTPUT.value, text + "\n")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli_utils.parse_absl_flags)
