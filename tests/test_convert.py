@@ -25,6 +25,7 @@ import torch_reference
 from torch_utils import abstract, nchw, nhwc, param_state, randomize
 
 DIT = dict(latent_channels=4, hidden_size=32, depth=2, num_heads=2, enc_dim=24)
+VIT_HEADS = 2  # Of the width-24 DINOv2 below: width // 64 would be no head at all.
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def release(tmp_path_factory):
   torch.save({"config": light_config, "model_state_dict": light.state_dict()},
              root / "sd21_lwdecoder.pth")
   dinov2 = randomize(transformers.Dinov2Model(transformers.Dinov2Config(
-      hidden_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)), 3)
+      hidden_size=24, num_hidden_layers=2, num_attention_heads=VIT_HEADS, image_size=56,
+      patch_size=14)), 3)
   os.makedirs(root / "torch_cache" / "hub" / "checkpoints")
   hub = {k: torch.from_numpy(np.asarray(v)) for k, v in vit._hf_to_hub(dinov2.state_dict()).items()}
   torch.save(hub, root / "torch_cache" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth")
@@ -64,7 +66,7 @@ def release(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(release, tmp_path_factory):
   out = tmp_path_factory.mktemp("converted")
-  return out, convert.convert_release(str(release[0]), str(out))
+  return out, convert.convert_release(str(release[0]), str(out), num_heads=VIT_HEADS)
 
 
 def test_release_converts_every_part(converted):
@@ -81,7 +83,8 @@ def test_release_converts_every_part(converted):
                                        ("dinov2_vits14", "vit"), ("qwen2d_vae", "qwen2d")])
 def test_written_params_equal_direct_conversion(release, converted, name, kind):
   out, report = converted
-  expected, kwargs, _ = convert.CONVERTERS[kind](report[name]["source"])
+  options = {"num_heads": VIT_HEADS} if kind == "vit" else {}
+  expected, kwargs, _ = convert.CONVERTERS[kind](report[name]["source"], **options)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), expected)
   params, metadata = checkpoint.load_params(str(out / name), target)
   assert metadata == report[name]
@@ -132,3 +135,59 @@ def test_cli_errors_name_the_problem(tmp_path, release, capsys):
                        "--output", str(tmp_path / "o2")]) == 2
   assert "blocks.0.attn.extra.weight" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "o2")
+
+
+# ---- Bad files: the file is named, one bad part does not stop a release. ----------------------
+
+def _garbage(path, size):
+  with open(path, "wb") as f:
+    f.write(np.random.default_rng(0).bytes(size))
+  return str(path)
+
+
+@pytest.mark.parametrize("kind,name,size,message", [
+    ("dit", "garbage.safetensors", 300, "not a valid safetensors file"),
+    ("dit", "empty.safetensors", 0, "not a valid safetensors file"),
+    ("light_decoder", "garbage.pth", 300, "not a valid PyTorch checkpoint"),
+    ("light_decoder", "empty.pth", 0, "not a valid PyTorch checkpoint"),
+    ("vit", "garbage.safetensors", 300, "not a valid safetensors file")])
+def test_garbage_files_are_named(tmp_path, capsys, kind, name, size, message):
+  path = _garbage(tmp_path / name, size)
+  assert convert.main(["--kind", kind, "--input", path, "--output", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: {path}: {message}") and len(err.splitlines()) == 1, err
+  assert "weights_only" not in err and not os.path.exists(tmp_path / "o")
+
+
+def test_a_corrupt_part_does_not_stop_the_release(tmp_path, release, capsys):
+  part = tmp_path / "release"
+  os.makedirs(part / "VOSR_0.5B_os")
+  _garbage(part / "VOSR_0.5B_os" / "ema_model.safetensors", 0)
+  _garbage(part / "sd21_lwdecoder.pth", 300)
+  for name in ("stable-diffusion-2-1-base", "Qwen-Image-vae-2d", "torch_cache"):
+    os.symlink(release[0] / name, part / name)
+  code = convert.main(["--release", str(part), "--output", str(tmp_path / "out"),
+                       "--num-heads", str(VIT_HEADS)])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert "ema_model.safetensors: not a valid safetensors file" in err
+  assert "sd21_lwdecoder.pth: not a valid PyTorch checkpoint" in err
+  assert "2 of 5 parts failed: VOSR_0.5B_os, light_decoder" in err
+  assert sorted(os.listdir(tmp_path / "out")) == ["dinov2_vits14", "qwen2d_vae", "sd21_vae"]
+
+
+def test_vit_heads_are_not_guessed_when_64_does_not_divide_the_width(tmp_path, release, capsys):
+  pth = str(next((release[0] / "torch_cache").rglob("*.pth")))
+  def run(*flags):
+    return convert.main(["--kind", "vit", "--input", pth, "--output", str(tmp_path / "o"), *flags])
+
+  assert run() == 2
+  assert "width 24 is not a multiple of 64" in capsys.readouterr().err
+  assert run("--num-heads", "5") == 2
+  assert "5 heads do not divide the width 24" in capsys.readouterr().err
+  for bad in ("0", "-1"):  # A usage error of argparse.
+    with pytest.raises(SystemExit) as e:
+      run("--num-heads", bad)
+    assert e.value.code == 2
+  assert run("--num-heads", "2") == 0
+  assert checkpoint.load_metadata(str(tmp_path / "o"))["kwargs"]["num_heads"] == 2

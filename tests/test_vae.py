@@ -82,6 +82,18 @@ def test_light_decoder_matches_torch(light):
   assert max_err(out, ref) <= TOL
 
 
+def test_light_decoder_ignores_and_logs_extra_config_keys(light, caplog):
+  """The official loader builds the module from the four size keys and ignores the rest."""
+  _, checkpoint, params, kwargs = light
+  extra = {**checkpoint, "config": {**checkpoint["config"], "scaling_factor": 0.18215,
+                                    "act_fn": "silu"}}
+  with caplog.at_level("WARNING"):
+    got, got_kwargs = vae.light_decoder_params_from_torch(extra)
+  assert got_kwargs == kwargs
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  assert "['act_fn', 'scaling_factor'] ignored" in caplog.text
+
+
 def test_sd_autoencoder_interface(kl, light):
   """encode = (mean + std * normal(key)) * 0.18215 under jit with the state as an argument;
   decode divides by the factor, uses the LightDecoder when given, and clamps to [-1, 1]."""

@@ -16,6 +16,8 @@ Kinds (the `kind` in each checkpoint's metadata, which `vosr_jax.models` builder
   sd21           diffusers AutoencoderKL folder (the pipeline folder or its `vae/`)
   light_decoder  VOSR's `sd21_lwdecoder.pth` ({config, model_state_dict})
   qwen2d         the Qwen-Image 2D VAE folder (config.json + safetensors)
+Exit status: 0 done; 1 some parts of a --release failed (each reported, the others converted); 2 a
+usage error or an input that cannot be converted (one line naming the file or key).
 Reading `.pth` files needs PyTorch (`pip install 'vosr_jax[torch]'`). Unknown keys, missing keys and
 shape mismatches are errors naming the key; only the DiT's `feat_rope.*` buffers (recomputed) and
 DINOv2's `mask_token` (pretraining only) are dropped.
@@ -24,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import sys
 
 from vosr_jax import checkpoint
@@ -33,9 +36,17 @@ KINDS = ("dit", "vit", "sd21", "light_decoder", "qwen2d")
 
 
 def _read_safetensors(path):
-  """All tensors of one safetensors file (bf16 included) as a dict of arrays."""
+  """All tensors of one safetensors file (bf16 included) as a dict of arrays.
+
+  Raises:
+    ValueError: naming the file, when it is not a valid safetensors file (garbage, empty, cut).
+  """
+  from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
   from safetensors.flax import load_file  # numpy's loader rejects bf16.
-  return load_file(path)
+  try:
+    return load_file(path)
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
 
 
 def _read_torch(path):
@@ -45,7 +56,18 @@ def _read_torch(path):
   except ImportError as e:
     raise ImportError(f"Reading {path} needs PyTorch: pip install 'vosr_jax[torch]' "
                       "(torch==2.13.0 is the CPU build).") from e
-  return torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    text = str(e)
+    if "Unsupported global" in text:  # A real checkpoint that pickles more than tensors.
+      raise ValueError(f"{path}: the PyTorch checkpoint holds pickled objects other than tensors "
+                       f"and plain containers; not loaded (it could run code): {text}") from e
+    reason = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+    raise ValueError(f"{path}: not a valid PyTorch checkpoint ({reason})") from e
+  except (EOFError, RuntimeError) as e:  # Empty, or a cut or garbage zip archive.
+    reason = str(e).split(". ")[0] or "empty file"
+    raise ValueError(f"{path}: not a valid PyTorch checkpoint ({reason})") from e
 
 
 def _require(path):
@@ -60,7 +82,7 @@ def find_denoiser_weights(path):
     return path
   for sub in ("clean_weights", "checkpoints", "."):
     for name in ("ema_model", "model"):
-      candidate = os.path.join(path, sub, f"{name}.safetensors")
+      candidate = os.path.normpath(os.path.join(path, sub, f"{name}.safetensors"))
       if os.path.isfile(candidate):
         return candidate
   found = sorted(glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True))
@@ -75,8 +97,11 @@ def convert_dit(path):
   return params, kwargs, source
 
 
-def convert_vit(path):
-  """A torch.hub `.pth`, or Hugging Face naming in a `.safetensors` file or a folder holding one."""
+def convert_vit(path, num_heads=None):
+  """A torch.hub `.pth`, or Hugging Face naming in a `.safetensors` file or a folder holding one.
+
+  `num_heads` (not stored in checkpoints) defaults to width // 64, as the released ViT-S/B/L/g.
+  """
   _require(path)
   if os.path.isdir(path):
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -89,7 +114,7 @@ def convert_vit(path):
     state_dict = _read_torch(path)
   naming = "hf" if any(k.startswith(("embeddings.", "encoder.layer.")) for k in state_dict) \
       else "hub"
-  params, kwargs = vit.params_from_torch(state_dict, naming)
+  params, kwargs = vit.params_from_torch(state_dict, naming, num_heads=num_heads)
   return params, kwargs, path
 
 
@@ -103,7 +128,10 @@ def convert_sd21(path):
   groups = 32
   if os.path.isfile(config_path):
     with open(config_path) as f:
-      groups = json.load(f).get("norm_num_groups", groups)
+      try:
+        groups = json.load(f).get("norm_num_groups", groups)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
   state_dict = {k: v for f in files for k, v in _read_safetensors(f).items()}
   params, kwargs = vae.params_from_diffusers(state_dict, norm_num_groups=groups)
   return params, kwargs, folder
@@ -115,7 +143,7 @@ def convert_light_decoder(path):
 
 
 def convert_qwen2d(path):
-  params, kwargs = qwen_vae.load_folder(_require(path))
+  params, kwargs = qwen_vae.load_folder(_require(path), _read_safetensors)
   return params, kwargs, path
 
 
@@ -123,11 +151,15 @@ CONVERTERS = {"dit": convert_dit, "vit": convert_vit, "sd21": convert_sd21,
               "light_decoder": convert_light_decoder, "qwen2d": convert_qwen2d}
 
 
-def convert(kind, path, output):
-  """Converts one network and writes a parameter checkpoint to `output`; returns its metadata."""
+def convert(kind, path, output, num_heads=None):
+  """Converts one network and writes a parameter checkpoint to `output`; returns its metadata.
+
+  `num_heads` overrides the guessed head count of a 'vit' (see `convert_vit`).
+  """
   if kind not in CONVERTERS:
     raise ValueError(f"--kind={kind!r} must be one of {KINDS}")
-  params, kwargs, source = CONVERTERS[kind](path)
+  options = {"num_heads": num_heads} if kind == "vit" else {}
+  params, kwargs, source = CONVERTERS[kind](path, **options)
   # Through JSON once, so the returned dict equals what `load_metadata` reads back (lists, not tuples).
   metadata = json.loads(json.dumps(
       {"kind": kind, "kwargs": kwargs, "source": os.path.abspath(source)}))
@@ -158,15 +190,28 @@ EXPECTED_IN_RELEASE = ("VOSR_*/ (denoisers)", "Qwen-Image-vae-2d/", "stable-diff
                        "sd21_lwdecoder.pth", "torch_cache/**/dinov2_vit*14*.pth")
 
 
-def convert_release(release, output):
-  """Converts every network found in `release` into `output/<name>/`; returns a report dict."""
+ERRORS = (FileNotFoundError, KeyError, ValueError, ImportError)  # Bad inputs, named in the text.
+
+
+def convert_release(release, output, num_heads=None):
+  """Converts every network found in `release` into `output/<name>/`.
+
+  A part that fails is reported (`FAILED: ...`) and the others are still converted.
+
+  Returns:
+    {name: metadata dict, or the error message (str) of a part that failed}.
+  """
   contents = release_contents(release)
   if not contents:
     raise FileNotFoundError(f"{release}: none of {', '.join(EXPECTED_IN_RELEASE)} found")
   report = {}
   for kind, path, name in contents:
     print(f"converting {kind:13s} {path} -> {os.path.join(output, name)}", flush=True)
-    report[name] = convert(kind, path, os.path.join(output, name))
+    try:
+      report[name] = convert(kind, path, os.path.join(output, name), num_heads)
+    except ERRORS as e:
+      report[name] = str(e).strip("'\"")
+      print(f"FAILED: {kind}: {report[name]}", file=sys.stderr, flush=True)
   kinds = {kind for kind, _, _ in contents}
   for kind, what in (("dit", "VOSR_* denoiser"), ("vit", "DINOv2 (torch_cache)"),
                      ("sd21", "SD-2.1 VAE"), ("light_decoder", "light decoder"),
@@ -183,19 +228,29 @@ def main(argv=None):
   parser.add_argument("--kind", choices=KINDS, help="the network of --input")
   parser.add_argument("--input", help="the official file or folder of one network")
   parser.add_argument("--output", required=True, help="output folder")
+  parser.add_argument("--num-heads", type=int,
+                      help="ViT attention heads (not stored in checkpoints; default width // 64, "
+                      "right for the released DINOv2 S/B/L/g)")
   args = parser.parse_args(argv)
   if bool(args.release) == bool(args.kind or args.input):
     parser.error("give either --release, or --kind and --input")
+  if args.num_heads is not None and (args.num_heads < 1 or args.kind not in (None, "vit")):
+    parser.error(f"--num-heads={args.num_heads} must be >= 1 and goes with --kind=vit or --release")
   try:
     if args.release:
-      convert_release(args.release, args.output)
+      report = convert_release(args.release, args.output, args.num_heads)
+      failed = [name for name, r in report.items() if isinstance(r, str)]
+      if failed:
+        print(f"error: {len(failed)} of {len(report)} parts failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
     else:
       if not (args.kind and args.input):
         parser.error("--kind and --input go together")
-      metadata = convert(args.kind, args.input, args.output)
+      metadata = convert(args.kind, args.input, args.output, args.num_heads)
       print(json.dumps(metadata, indent=1))
-  except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except ERRORS as e:
+    print(f"error: {str(e).strip(chr(39) + chr(34))}", file=sys.stderr)
     return 2
   return 0
 

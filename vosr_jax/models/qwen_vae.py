@@ -364,15 +364,18 @@ def params_from_torch(state_dict, config):
   return params, model_kwargs
 
 
-def load_folder(path):
+def load_folder(path, read_safetensors=load_file):
   """Reads a diffusers-style VAE folder: `config.json` plus `*.safetensors` (shards are merged).
 
   Args:
     path: folder such as `Qwen-Image-vae-2d`.
+    read_safetensors: file -> {key: array} (the flax loader keeps bfloat16 tensors; numpy's
+      rejects them).
   Returns:
     (params, model_kwargs) as `params_from_torch`.
   Raises:
     FileNotFoundError: naming the missing config.json or safetensors file.
+    ValueError: naming a config.json that is not JSON.
   """
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
@@ -382,9 +385,11 @@ def load_folder(path):
   if not files:
     raise FileNotFoundError(f"Qwen VAE folder: no {os.path.join(path, '*.safetensors')} found.")
   with open(config_path) as f:
-    config = json.load(f)
+    try:
+      config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{config_path}: not valid JSON ({e})") from e
   state_dict = {}
   for file in files:
-    # The flax loader keeps bfloat16 tensors (numpy's loader rejects them).
-    state_dict.update(load_file(file))
+    state_dict.update(read_safetensors(file))
   return params_from_torch(state_dict, config)

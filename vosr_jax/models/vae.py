@@ -33,6 +33,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from vosr_jax.models.layers import conv, init_with_axes, linear
@@ -360,7 +361,8 @@ def light_decoder_params_from_torch(checkpoint):
     (params, model_kwargs): `params` has the layout of
     `nnx.state(LightDecoder(**model_kwargs, rngs=...), nnx.Param).to_pure_dict()`.
   Raises:
-    KeyError / ValueError naming the offending key (config or state dict).
+    KeyError / ValueError naming the offending key (config or state dict). Other config keys are
+    logged and ignored, as the official loader does.
   """
   for key in ("config", "model_state_dict"):
     if key not in checkpoint:
@@ -371,10 +373,11 @@ def light_decoder_params_from_torch(checkpoint):
   for key in required:
     if key not in config:
       raise KeyError(f"LightDecoder checkpoint: config is missing '{key}' (expected {required}).")
-  for key in config:
-    if key not in required + ("norm_num_groups",):
-      raise KeyError(f"LightDecoder checkpoint: unknown config key '{key}' (expected {required} "
-                     "and optionally 'norm_num_groups').")
+  ignored = sorted(set(config) - set(required) - {"norm_num_groups"})
+  if ignored:
+    # The official loader builds the module from the four size keys and ignores the rest.
+    logging.warning("LightDecoder checkpoint: config key(s) %s ignored (the architecture comes "
+                    "from %s and 'norm_num_groups').", ignored, required)
   model_kwargs = dict(
       in_channels=int(config["in_channels"]), out_channels=int(config["out_channels"]),
       block_out_channels=tuple(int(c) for c in config["block_out_channels"]),

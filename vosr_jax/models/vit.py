@@ -347,7 +347,7 @@ def params_from_torch(state_dict, naming="hub", *, num_heads=None, keep_blocks=N
       safetensors file contents (naming "hf").
     naming: "hub" | "hf".
     num_heads: attention heads; checkpoints do not store it. Default hidden_size // 64, right for
-      S/B/L/g.
+      S/B/L/g (an error when 64 does not divide the width).
     keep_blocks: convert only blocks 0..keep_blocks-1 (VOSR 0.5B needs 9 of ViT-B's 12); the
       final norm is still converted. Default: all blocks.
     pos_interpolation: override; default "hub" for naming "hub", "hf" for naming "hf", and
@@ -444,8 +444,14 @@ def params_from_torch(state_dict, naming="hub", *, num_heads=None, keep_blocks=N
     raise ValueError(f"vit.py: MLP hidden {mlp_hidden} is not int(D * ratio) for D={hidden}.")
   if pos_interpolation is None:
     pos_interpolation = "antialias" if registers else naming
-  model_kwargs = dict(patch_size=patch, hidden_size=hidden, depth=keep,
-                      num_heads=hidden // 64 if num_heads is None else num_heads,
+  if num_heads is None and hidden % 64:
+    raise ValueError(f"vit.py: width {hidden} is not a multiple of 64, so the head count "
+                     "(checkpoints do not store it) cannot be guessed as width // 64; pass it "
+                     "(--num-heads).")
+  num_heads = hidden // 64 if num_heads is None else num_heads
+  if num_heads < 1 or hidden % num_heads:
+    raise ValueError(f"vit.py: {num_heads} heads do not divide the width {hidden}.")
+  model_kwargs = dict(patch_size=patch, hidden_size=hidden, depth=keep, num_heads=num_heads,
                       mlp_ratio=mlp_ratio, num_register_tokens=registers, pretrain_grid=grid,
                       pos_interpolation=pos_interpolation)
   return params, model_kwargs
