@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,59 @@ def test_resume_after_kill_is_bit_identical(data, tmp_path, overfit_run, kind):
   a, b = train_utils.saved_state(straight, 6), train_utils.saved_state(killed, 6)
   assert int(a["step"]) == int(b["step"]) == 6
   assert_trees_equal(a, b)  # params, EMA, optimizer state, rng
+  # The steps logged after step 3 by the killed run were cut from the log: each step once.
+  logged = [r["step"] for r in train_utils.metric_rows(killed) if "train/loss" in r]
+  assert logged == list(range(1, 7))
+
+
+def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(data, tmp_path,
+                                                                     overfit_run):
+  del overfit_run  # Fills the compilation cache.
+  env = _env(data)
+  _run(_cmd(tmp_path, data["varied"], "--config.total_steps=4",
+            "--config.checkpoint.every_steps=2"), env)
+  step4 = tmp_path / "checkpoints" / "4"
+  data_files = [p for p in step4.rglob("*") if p.is_file() and p.parent.name == "d"]
+  biggest = max(data_files, key=lambda p: p.stat().st_size)
+  with open(biggest, "r+b") as f:
+    f.truncate(1000)
+  proc = _run(_cmd(tmp_path, data["varied"], "--config.total_steps=5",
+                   "--config.checkpoint.every_steps=2"), env)
+  assert f"{step4}: damaged checkpoint, a data file is missing or truncated" in proc.stderr
+  assert "Resumed from the checkpoint of step 2" in proc.stderr
+  names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  assert len(names) == 3 and names[0] == "2" and names[1].startswith("4.damaged-")
+  assert names[2] == "5"
+  aside = tmp_path / "checkpoints" / names[1]
+  assert (aside / biggest.relative_to(step4)).stat().st_size == 1000  # Kept as it was.
+  logged = [r["step"] for r in train_utils.metric_rows(tmp_path) if "train/loss" in r]
+  assert logged == [1, 2, 3, 4, 5]
+
+
+def test_disk_full_while_saving_exits_3_and_keeps_the_earlier_checkpoint(data, tmp_path,
+                                                                          overfit_run):
+  """On a disk with room for one checkpoint and a half, the second save fails."""
+  one = sum(p.stat().st_size for p in (Path(overfit_run) / "checkpoints").rglob("*")
+            if p.is_file())
+  disk = tmp_path / "small_disk"
+  disk.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={one * 3 // 2 // 1024}k", "tmpfs",
+                          str(disk)], capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a small tmpfs to fill ({mount.stderr.strip()}): needs root")
+  try:
+    workdir = disk / "run"
+    proc = subprocess.run(_cmd(workdir, data["varied"], "--config.total_steps=4",
+                               "--config.checkpoint.every_steps=2"), env=_env(data), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    line = next(l for l in proc.stderr.splitlines() if "was not written" in l)
+    assert f"{workdir}/checkpoints: the checkpoint of step 4 was not written" in line
+    assert "No space left on device" in line and "the checkpoint of step 2 is intact" in line
+    assert "Traceback" not in proc.stderr
+    assert int(train_utils.saved_state(str(workdir), 2)["step"]) == 2
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_sigterm_saves_and_exits_zero(data, tmp_path, overfit_run):
