@@ -75,17 +75,18 @@ def atomic_write_text(path, text):
   atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def check_output_folder(path, flag):
+def check_output_folder(path, flag, hint="choose another folder"):
   """Creates folder `path` if needed and checks that files can be created in it.
 
   Args:
     path: the destination folder.
     flag: the command-line flag that named it, for the message (e.g. '--output').
+    hint: what to do about it, for the message.
   Raises:
     NotADirectoryError / PermissionError: one line naming `flag`, the path and what is wrong.
   """
   if os.path.exists(path) and not os.path.isdir(path):
-    raise NotADirectoryError(f"{flag}={path} is an existing file, not a folder; choose a folder")
+    raise NotADirectoryError(f"{flag}={path} is an existing file, not a folder; {hint}")
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_check.{os.getpid()}.tmp")
@@ -94,7 +95,7 @@ def check_output_folder(path, flag):
     os.remove(probe)
   except OSError as e:
     reason = "not writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else e.strerror
-    raise PermissionError(f"{flag}={path}: {reason}; choose another folder") from e
+    raise PermissionError(f"{flag}={path}: {reason}; {hint}") from e
 
 
 def check_range(errors, flag, value, low=None, high=None, *, low_open=False, allow=()):

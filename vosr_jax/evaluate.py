@@ -332,9 +332,10 @@ def main(argv=None):
   args = _parse_args(argv)
   metrics = tuple(n.strip().lower() for n in args.metrics.split(",") if n.strip())
   try:
-    if args.out_dir or os.path.isdir(args.pred):  # A missing --pred is reported below.
-      cli_utils.check_output_folder(args.out_dir or args.pred,
-                                    "--out-dir" if args.out_dir else "--pred (the output folder)")
+    if args.out_dir:
+      cli_utils.check_output_folder(args.out_dir, "--out-dir")
+    elif os.path.isdir(args.pred):  # A missing --pred is reported below.
+      cli_utils.check_output_folder(args.pred, "--pred", "the results go there; pass --out-dir")
     result = evaluate_folders(args.pred, args.gt, metrics, args.crop_border, args.y_channel,
                               args.niqe_params, progress=True)
   except (ValueError, OSError, ImportError, RuntimeError) as e:
