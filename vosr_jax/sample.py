@@ -99,7 +99,8 @@ def flag_errors(args):
     cli_utils.check_range(errors, size_flag, tile, 1, allow=(0,))
     cli_utils.check_range(errors, overlap_flag, over, 0)
     if tile > 0 and over >= tile:
-      errors.append(f"{overlap_flag}={over} must be below {size_flag}={tile}")
+      errors.append(f"{overlap_flag}={over} must be below {size_flag}={tile} (pass a smaller "
+                    f"{overlap_flag})")
   return errors
 
 
