@@ -88,10 +88,11 @@ def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(data, tmp_p
                    "--config.checkpoint.every_steps=2"), env)
   assert f"{step4}: damaged checkpoint, a data file is missing or truncated" in proc.stderr
   assert "Resumed from the checkpoint of step 2" in proc.stderr
+  # Step 4 is written again, next to the damaged one set aside.
   names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-  assert len(names) == 3 and names[0] == "2" and names[1].startswith("4.damaged-")
-  assert names[2] == "5"
-  aside = tmp_path / "checkpoints" / names[1]
+  assert len(names) == 4 and names[:2] == ["2", "4"] and names[2].startswith("4.damaged-")
+  assert names[3] == "5"
+  aside = tmp_path / "checkpoints" / names[2]
   assert (aside / biggest.relative_to(step4)).stat().st_size == 1000  # Kept as it was.
   logged = [r["step"] for r in train_utils.metric_rows(tmp_path) if "train/loss" in r]
   assert logged == [1, 2, 3, 4, 5]
