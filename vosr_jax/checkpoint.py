@@ -61,18 +61,29 @@ def _write_error(error):
   return match[1] if match else str(error).splitlines()[0][:200]
 
 
+def _from_orbax(record):
+  """True when a log record comes from Orbax or carries an exception raised in Orbax."""
+  tb = record.exc_info[2] if record.exc_info else None
+  paths = [record.pathname]
+  while tb is not None:
+    paths.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return any(f"{os.sep}orbax{os.sep}" in path for path in paths)
+
+
 class _OneLineStorageErrors(logging_std.Filter):
-  """Orbax logs a failed background write with its traceback, then re-raises it in the main
-  thread, where `CheckpointNotWritten` reports it in one line: keep Orbax's line, drop the
-  traceback."""
+  """Orbax logs a failed background write with its traceback (and asyncio logs it again as a
+  never-retrieved task exception), then re-raises it in the main thread, where
+  `CheckpointNotWritten` reports it in one line: keep the log lines, drop the tracebacks."""
 
   def filter(self, record):
-    if f"{os.sep}orbax{os.sep}" in record.pathname:
+    if _from_orbax(record):
       record.exc_info = record.exc_text = None
     return True
 
 
-logging.get_absl_logger().addFilter(_OneLineStorageErrors())
+for _logger in (logging.get_absl_logger(), logging_std.getLogger("asyncio")):
+  _logger.addFilter(_OneLineStorageErrors())
 
 
 @contextlib.contextmanager
