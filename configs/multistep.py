@@ -93,8 +93,8 @@ def demo_overrides(config):
   config.encoder.path at converted DINOv2 weights (with the matching config.encoder.variant and
   tap_layer) to use real ones.
   """
-  # velocity_skip (not in the official model): the noise need not pass through the network.
-  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4, velocity_skip=True)
+  # x-prediction (not in the official model): the noise need not pass through the network.
+  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4, prediction="x")
   config.data.sources = f"{DEMO_DATA}/train"
   config.batch_size = 32
   config.total_steps = 450
