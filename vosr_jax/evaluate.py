@@ -31,8 +31,9 @@ table's header marks it (↑ higher is better, ↓ lower is better, →1 closest
   lpips ↓, dists ↓ (full reference), musiq ↑, maniqa ↑, clipiqa ↑ (no reference): through the
               optional package `pyiqa` on the whole RGB image (no crop), only from weight files
               already in the torch hub cache (`$TORCH_HOME/hub`, default ~/.cache/torch/hub); a
-              missing file is an error naming it. Backbones that pyiqa fetches through timm or the Hugging Face
-              hub (MANIQA's ViT) are not checked here; pyiqa's own error is re-raised.
+              missing file is an error naming it. Backbones that pyiqa fetches through timm or
+              the Hugging Face hub (MANIQA's ViT) are not checked here; pyiqa's own error is
+              re-raised.
 
 Image reading: Pillow, EXIF orientation applied, converted to 8-bit RGB. Alpha is dropped (not
 composited; as OpenCV's `imread`), grey and palette images are expanded to RGB, 16-bit grey is
