@@ -17,7 +17,7 @@ from vosr_jax import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The sr/ folders make demo writes.
-MADE = ("bicubic", "multistep", "onestep", "multistep_fidelity", "onestep_fidelity")
+MADE = ("bicubic", "multistep_4", "multistep_25", "onestep")
 
 
 def _png(path):
@@ -31,7 +31,7 @@ def test_make_demo_produces_every_artefact(tmp_path):
   quick = "--config.total_steps=2"
   # -o: the venv stamp counts as up to date (this interpreter runs the commands).
   cmd = ["make", "-o", ".venv/.installed", "demo", f"PY={sys.executable}", f"WORKDIR={workdir}",
-         f"MS_FLAGS={quick}", f"OS_FLAGS={quick}", "MS_STEPS=1"]
+         f"MS_FLAGS={quick}", f"OS_FLAGS={quick}"]
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
                           check=False)
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -54,13 +54,12 @@ def test_make_demo_produces_every_artefact(tmp_path):
   for kind in ("multistep", "onestep"):
     assert (workdir / kind / "checkpoints" / "2").is_dir()
   report = (workdir / "report.md").read_text()
-  assert "| multi-step SR |" in report and "RANDOM" in report
-  assert "| one-step SR, start noise x0.5 |" in report
+  assert "| multi-step SR, 25 steps |" in report and "RANDOM" in report
   for stem in demo.HELDOUT:
     assert f"report/{stem}.png" in report and f"report/{stem}_zoom.png" in report
   timings = json.loads((workdir / "timings.json").read_text())
-  assert {"prepare", "train_multistep", "distill_onestep", "sample_multistep", "sample_onestep",
-          "bicubic", "evaluate"} <= set(timings)
+  assert {"prepare", "train_multistep", "distill_onestep", "sample_multistep_4",
+          "sample_multistep_25", "sample_onestep", "bicubic", "evaluate_onestep"} <= set(timings)
 
 
 def test_demo_config_uses_the_residual_target_and_cosine_decay():
@@ -93,12 +92,12 @@ def _noisy(img, std, seed=0):
 @pytest.fixture()
 def evaluated(tmp_path):
   """A workdir as make demo leaves it, on two 112x208 crops: sr/bicubic (evaluated for PSNR and
-  SSIM only), sr/multistep (bicubic + noise) and sr/onestep (bicubic), evaluated for all."""
+  SSIM only), sr/multistep_4 (bicubic + noise) and sr/onestep (bicubic), evaluated for all."""
   from skimage import data  # pylint: disable=import-outside-toplevel
   from vosr_jax import evaluate  # pylint: disable=import-outside-toplevel
   hr_dir = tmp_path / "data" / "heldout_hr"
   hr_dir.mkdir(parents=True)
-  outputs = {"bicubic": _bicubic_x4, "multistep": lambda x: _noisy(_bicubic_x4(x), 8),
+  outputs = {"bicubic": _bicubic_x4, "multistep_4": lambda x: _noisy(_bicubic_x4(x), 8),
              "onestep": _bicubic_x4}
   for method in outputs:
     (tmp_path / "sr" / method).mkdir(parents=True)
@@ -126,18 +125,18 @@ def test_report_tables_legends_and_images(evaluated, capsys):
   assert header + "detail GSIM ↑ | NIQE ↓ |" in lines
   rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines
           if line.startswith("| ") and " | " in line}
-  # Present folders only (no multistep_25 or _fidelity here), in METHODS order.
+  # Present folders only (no multistep_25 here), in METHODS order.
   titles = [line.split(" | ")[0][2:] for line in lines[lines.index(header + "detail GSIM ↑ | "
                                                                    "NIQE ↓ |") + 2:][:3]]
-  assert titles == ["LR bicubic", "multi-step SR", "one-step SR"]
-  assert "25 steps" not in report and "start noise" not in report
+  assert titles == ["LR bicubic", "multi-step SR, 4 steps", "one-step SR"]
+  assert "25 steps" not in report
   # The bicubic folder's metrics.json lacks the region metrics and NIQE: computed for the report.
   hr, bic = (_png(evaluated / d / "astronaut.png") for d in ("data/heldout_hr", "sr/bicubic"))
   astronaut = [line for line in lines if line.startswith("| astronaut | LR bicubic |")][0]
   assert f" {metrics.flat_noise(bic, hr, 4):.3f} |" in astronaut
   flat_noise = {t: float(rows[t][3]) for t in titles}
-  assert flat_noise["multi-step SR"] > 5 > 1 > flat_noise["LR bicubic"] == flat_noise["one-step SR"]
-  assert rows["LR bicubic"][1] == "+0.00" and float(rows["multi-step SR"][1]) < 0
+  assert flat_noise["multi-step SR, 4 steps"] > 5 > 1 > flat_noise["LR bicubic"] == flat_noise["one-step SR"]
+  assert rows["LR bicubic"][1] == "+0.00" and float(rows["multi-step SR, 4 steps"][1]) < 0
   assert all(rows[t][-1] != "n/a" for t in titles)
   # One legend line per metric; NIQE's caveat sits with the flat-noise measure.
   legends = [line for line in lines if line.startswith("- ")]

@@ -13,7 +13,7 @@ adds what they lack:
       8 bits as the sampler rounds.
   python -m vosr_jax.demo time --log=runs/demo/timings.json NAME -- COMMAND...
       runs COMMAND, adds its wall time to NAME's in the log, exits with its status.
-  python -m vosr_jax.demo report --workdir=runs/demo [--fidelity-noise=0.5]
+  python -m vosr_jax.demo report --workdir=runs/demo
       report.md: a table of the METHODS folders present under sr/ (bicubic is required) with
       the COLUMNS metrics from `python -m vosr_jax.evaluate`'s metrics.json in each (computed
       here when missing there) and a legend per metric, the timings (one row per name), and under
@@ -46,13 +46,9 @@ TRAIN = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina",
          "stereo_motorcycle_left", "stereo_motorcycle_right")
 HELDOUT = ("chelsea", "coffee", "rocket")
 # The report's rows, in order: (folder under WORKDIR/sr/, label). `bicubic` is required; the
-# others are shown when their folder exists. "{noise}" in a label is the report's
-# --fidelity-noise: the `_fidelity` folders are the same models sampled from a scaled-down
-# starting noise (`--noise-scale`, make demo's FIDELITY_NOISE).
-METHODS = (("bicubic", "LR bicubic"), ("multistep", "multi-step SR"),
-           ("multistep_25", "multi-step SR, 25 steps"), ("onestep", "one-step SR"),
-           ("multistep_fidelity", "multi-step SR, start noise x{noise}"),
-           ("onestep_fidelity", "one-step SR, start noise x{noise}"))
+# others are shown when their folder exists.
+METHODS = (("bicubic", "LR bicubic"), ("multistep_4", "multi-step SR, 4 steps"),
+           ("multistep_25", "multi-step SR, 25 steps"), ("onestep", "one-step SR"))
 # The report's metric columns: (metric, column title, decimals, legend).
 COLUMNS = (
     ("psnr", "PSNR (dB) ↑", 2, "PSNR: fidelity to the HR (Y channel); higher is better."),
@@ -380,14 +376,10 @@ def _timings(workdir):
           [f"| **total** | {sum(timings.values()):.1f} |"])
 
 
-def report(workdir, data, fidelity_noise=0.5):
-  """Writes `workdir`/report.md and the side-by-side and zoom PNGs; returns the markdown text.
-
-  `fidelity_noise` is the --noise-scale the `_fidelity` folders were sampled with (for their
-  titles).
-  """
+def report(workdir, data):
+  """Writes `workdir`/report.md and the side-by-side and zoom PNGs; returns the markdown text."""
   results = _load_metrics(workdir, data)
-  rows = [(m, title.format(noise=fidelity_noise)) for m, title in METHODS if m in results]
+  rows = [(m, title) for m, title in METHODS if m in results]
   stems = sorted(results["bicubic"]["per_image"])
   lines = ["# VOSR demo report", "",
            "Held-out images (never seen in training), x4; every metric on the Y channel with a "
@@ -445,8 +437,6 @@ def main(argv=None):
   a = sub.add_parser("report", help="report.md, side-by-side and zoomed images of the results")
   a.add_argument("--workdir", default="runs/demo")
   a.add_argument("--data", help="the prepare folder (default: WORKDIR/data)")
-  a.add_argument("--fidelity-noise", type=float, default=0.5,
-                 help="the --noise-scale of sr/{multistep,onestep}_fidelity (for the titles)")
   args = p.parse_args(argv)
   if args.command == "prepare":
     prepare(args.out)
@@ -465,8 +455,7 @@ def main(argv=None):
     return timed(args.log, args.name, command)
   else:
     try:
-      print(report(args.workdir, args.data or os.path.join(args.workdir, "data"),
-                   args.fidelity_noise))
+      print(report(args.workdir, args.data or os.path.join(args.workdir, "data")))
     except FileNotFoundError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
