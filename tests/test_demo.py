@@ -71,6 +71,12 @@ def test_demo_config_uses_the_residual_target_and_cosine_decay():
   assert os_.kind == "onestep" and os_.model.path == "runs/demo/multistep"
   assert ms.data.sources == "runs/demo/data/train"
   assert multistep.get_config("tiny").objective.target == "latent"
+  # The demo's departures are options whose defaults are the official recipe.
+  assert ms.model.overrides.prediction == os_.model.overrides.prediction == "x"
+  assert ms.objective.loss_space == "x" and ms.objective.residual_window == 9
+  official = multistep.get_config("0.5b")
+  assert "prediction" not in official.model.overrides and "time_scale" not in official.model.overrides
+  assert official.objective.loss_space == "velocity" and official.objective.target == "latent"
 
 
 def test_report_fails_clearly_without_evaluations(tmp_path, capsys):

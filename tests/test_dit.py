@@ -288,3 +288,17 @@ def test_x_prediction_returns_the_implied_velocity(pair):
   np.testing.assert_allclose(v, eps - x, atol=1e-5)
   with pytest.raises(ValueError, match="prediction"):
     abstract(dit.LightningDiT, **kwargs, prediction="eps")
+
+
+def test_time_scale_scales_the_embedded_time(pair):
+  """time_scale=s (not official; the demo's) embeds s t: without r it equals the official model
+  called at time s t; with r the (t - r) factor stays unscaled."""
+  _, _, pure, kwargs = pair
+  plain = abstract(dit.LightningDiT, **kwargs)
+  scaled = abstract(dit.LightningDiT, **kwargs, time_scale=1000.0)
+  z_t, lr, t, tok, _ = _inputs(5, 3, (16, 16), False)
+  want = np.asarray(_forward_fn(plain)(param_state(plain, pure), z_t, lr, 1000.0 * t, tok, None))
+  got = np.asarray(_forward_fn(scaled)(param_state(scaled, pure), z_t, lr, t, tok, None))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert not np.allclose(got, np.asarray(
+      _forward_fn(plain)(param_state(plain, pure), z_t, lr, t, tok, None)), atol=1e-3)

@@ -120,6 +120,9 @@ class LightningDiT(nnx.Module):
       network predicts the clean flow sample x and the output is the velocity it implies,
       `x_to_velocity(z_t, x, t)`, so the noise never has to pass through the network (Li & He,
       "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720).
+    time_scale: t and r are multiplied by it before their sinusoidal embeddings. 1 (official): the
+      raw t in [0, 1], where only the lowest of the 128 frequencies turn by more than a fraction
+      of a radian; 1000 (a departure, the demo's) spreads them over t as DDPM-style models do.
     scan: run the block stack with `lax.scan` (compile time independent of depth) or unrolled.
     remat_policy: None, or a key of `REMAT_POLICIES`, to rematerialise each block.
     attention: `layers.dot_product_attention` implementation: None (the backend's fastest:
@@ -130,6 +133,7 @@ class LightningDiT(nnx.Module):
 
   def __init__(self, *, latent_channels, hidden_size, depth, num_heads, enc_dim, patch_size=2,
                mlp_ratio=4, encdim_ratio=3, rope_grid=32, one_step=False, prediction="velocity",
+               time_scale=1.0,
                scan=True, remat_policy=None, attention=None, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs):
     if hidden_size % num_heads or (hidden_size // num_heads) % 4:
@@ -145,7 +149,7 @@ class LightningDiT(nnx.Module):
     self.scan, self.remat_policy, self.dtype = scan, remat_policy, dtype
     if prediction not in PREDICTIONS:
       raise ValueError(f"dit.py: prediction {prediction!r} is not one of {PREDICTIONS}")
-    self.prediction = prediction
+    self.prediction, self.time_scale = prediction, time_scale
 
     # Dense on (ph, pw, cin)-flattened patches == the official stride-p conv.
     self.x_embedder = linear(p * p * 2 * c, d, ("vocab", "embed"), **kw)
@@ -171,11 +175,11 @@ class LightningDiT(nnx.Module):
 
   def _conditioning(self, t, r):
     """c = t_emb(t) [+ r_emb(r) * (t - r)]: (B,) times -> (B, D)."""
-    c = self.t_embedder(t)
+    c = self.t_embedder(t * self.time_scale)
     if r is not None:
       if self.r_embedder is None:
         raise ValueError("dit.py: r was given but this model has no r_embedder (one_step=False)")
-      c = c + self.r_embedder(r) * (t - r).astype(c.dtype)[:, None]
+      c = c + self.r_embedder(r * self.time_scale) * (t - r).astype(c.dtype)[:, None]
     return c
 
   def _run_blocks(self, x, c0, cond, rope):
