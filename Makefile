@@ -20,20 +20,17 @@ clean:
 	rm -rf $(VENV)
 
 # make demo: the VOSR recipe at demo scale through the public entry points (README, "The demo"),
-# into $(WORKDIR): data/, multistep/ and onestep/ (training workdirs), sr/{bicubic,multistep,
-# onestep}/ and sr/{multistep,onestep}_fidelity/ (held-out outputs with metrics.json), report/ and
-# report.md. A quick run:
+# into $(WORKDIR): data/, multistep/ and onestep/ (training workdirs), sr/{bicubic,multistep_4,
+# multistep_25,onestep}/ (held-out outputs with metrics.json: the multi-step model at 4 and 25
+# Euler steps, the one-step student), report/ and report.md. A quick run:
 #   make demo WORKDIR=/tmp/d MS_FLAGS=--config.total_steps=2 OS_FLAGS=--config.total_steps=2
 WORKDIR ?= runs/demo
 DATA = $(WORKDIR)/data
 SR = $(WORKDIR)/sr
 MS_FLAGS ?=
 OS_FLAGS ?=
-MS_STEPS ?= 4
 SAMPLE_FLAGS ?= --tile-size=64 --tile-overlap=16 --cfg-scale=1.0 --color-fix=none --overwrite
-# The same models again from a scaled-down starting noise (fidelity over sampled detail).
-FIDELITY_NOISE ?= 0.5
-METRICS ?= psnr,ssim,niqe
+METRICS ?= psnr,ssim,flat_noise,detail_hf,detail_gsim,niqe
 TIMED = $(PY) -m vosr_jax.demo time --log=$(WORKDIR)/timings.json
 SAMPLE = $(PY) -m vosr_jax.sample --input=$(DATA)/heldout_lr $(SAMPLE_FLAGS)
 
@@ -45,17 +42,15 @@ demo: $(STAMP)
 	$(TIMED) distill_onestep -- $(PY) -m vosr_jax.main --config=configs/onestep.py:demo \
 	  --workdir=$(WORKDIR)/onestep --config.data.sources=$(DATA)/train \
 	  --config.model.path=$(WORKDIR)/multistep $(OS_FLAGS)
-	$(TIMED) sample_multistep -- $(SAMPLE) --checkpoint=$(WORKDIR)/multistep \
-	  --output=$(SR)/multistep --steps=$(MS_STEPS)
+	for steps in 4 25; do \
+	  $(TIMED) sample_multistep_$$steps -- $(SAMPLE) --checkpoint=$(WORKDIR)/multistep \
+	    --output=$(SR)/multistep_$$steps --steps=$$steps || exit 1; \
+	done
 	$(TIMED) sample_onestep -- $(SAMPLE) --checkpoint=$(WORKDIR)/onestep --output=$(SR)/onestep
-	$(TIMED) sample_multistep -- $(SAMPLE) --checkpoint=$(WORKDIR)/multistep \
-	  --output=$(SR)/multistep_fidelity --steps=$(MS_STEPS) --noise-scale=$(FIDELITY_NOISE)
-	$(TIMED) sample_onestep -- $(SAMPLE) --checkpoint=$(WORKDIR)/onestep \
-	  --output=$(SR)/onestep_fidelity --noise-scale=$(FIDELITY_NOISE)
 	$(TIMED) bicubic -- $(PY) -m vosr_jax.demo bicubic --input=$(DATA)/heldout_lr \
 	  --output=$(SR)/bicubic
-	for method in bicubic multistep onestep multistep_fidelity onestep_fidelity; do \
-	  $(TIMED) evaluate -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/$$method \
+	for method in bicubic multistep_4 multistep_25 onestep; do \
+	  $(TIMED) evaluate_$$method -- $(PY) -m vosr_jax.evaluate --pred=$(SR)/$$method \
 	    --gt=$(DATA)/heldout_hr --metrics=$(METRICS) || exit 1; \
 	done
-	$(PY) -m vosr_jax.demo report --workdir=$(WORKDIR) --fidelity-noise=$(FIDELITY_NOISE)
+	$(PY) -m vosr_jax.demo report --workdir=$(WORKDIR)

@@ -88,6 +88,13 @@ def get_base_config():
   # the demo: (HR latent - LR latent) / residual_scale; the samplers add the LR latent back).
   config.objective.target = "latent"
   config.objective.residual_scale = 1.0  # Only for target='residual'.
+  # 0: the residual is divided by residual_scale alone. Odd k (a departure): by residual_scale *
+  # (residual_floor + the LR latent's local standard deviation in k x k windows).
+  config.objective.residual_window = 0
+  config.objective.residual_floor = 0.01
+  # Space of the multistep loss: 'velocity' (official: the velocity MSE) or 'x' (a departure: the
+  # MSE of the clean sample the velocity implies, the velocity MSE times t^2).
+  config.objective.loss_space = "velocity"
   config.objective.time_dist = "uniform"  # 'uniform' or 'logit_normal'.
   config.objective.time_mu = 0.0  # logit_normal: t = sigmoid(N(mu, sigma^2)).
   config.objective.time_sigma = 1.0

@@ -93,8 +93,9 @@ def demo_overrides(config):
   config.encoder.path at converted DINOv2 weights (with the matching config.encoder.variant and
   tap_layer) to use real ones.
   """
-  # velocity_skip (not in the official model): the noise need not pass through the network.
-  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4, velocity_skip=True)
+  # x-prediction (not in the official model): the noise need not pass through the network.
+  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4, prediction="x",
+                                time_scale=1000.0)
   config.data.sources = f"{DEMO_DATA}/train"
   config.batch_size = 32
   config.total_steps = 450
@@ -102,9 +103,14 @@ def demo_overrides(config):
   # Cosine decay to 0 at the last step, whatever --config.total_steps says.
   config.optim.decay_steps = config.get_ref("total_steps")
   config.ema_decay = 0.995
-  # Generate the scaled residual HR - upsampled LR (std about 1 on these photos), not the HR.
+  # Generate the residual HR - upsampled LR, not the HR, divided by the LR's local standard
+  # deviation (9x9 windows, + 0.01): about unit variance in flat and detailed regions alike.
   config.objective.target = "residual"
-  config.objective.residual_scale = 0.1
+  config.objective.residual_window = 9
+  # A clean LR condition: the official spherical noise (s ~ sigmoid(N(5, 1)), noise std ~0.1)
+  # would be as large as the pixel detail the demo's residual holds.
+  config.objective.cond_strength_mu = 10.0
+  config.objective.loss_space = "x"
   config.log_every_steps = 25
   config.checkpoint.every_steps = 1000  # And at the last step.
   config.eval.every_steps = 0  # Held-out evaluation is `make demo`'s sample + evaluate.

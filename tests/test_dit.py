@@ -268,20 +268,37 @@ def test_bad_configs_and_inputs_raise(fresh):
     jax.eval_shape(lambda p: nnx.merge(graphdef, p)(z_t, lr, t, tok, r), abstract_params)
 
 
-def test_velocity_skip_adds_the_least_squares_velocity(pair):
-  """velocity_skip=True (not official; the demo's) = the official output + c(t) z_t, with c(t)
-  the least-squares slope of v = noise - x on z_t = (1 - t) x + t noise for unit-variance data."""
+def test_x_prediction_returns_the_implied_velocity(pair):
+  """prediction='x' (not official; the demo's): the network's output is read as the clean sample
+  x, and the model returns (z_t - x) / max(t, 0.05); the exact velocity eps - x of the flow."""
   _, _, pure, kwargs = pair
   plain = abstract(dit.LightningDiT, **kwargs)
-  skip = abstract(dit.LightningDiT, **kwargs, velocity_skip=True)
-  args = _inputs(4, 3, (16, 16), kwargs["one_step"])
-  base = np.asarray(_forward_fn(plain)(param_state(plain, pure), *args))
-  got = np.asarray(_forward_fn(skip)(param_state(skip, pure), *args))
-  coef = np.asarray(dit.velocity_skip_coefficient(args[2]))
-  np.testing.assert_allclose(got, base + coef[:, None, None, None] * args[0], atol=1e-5)
+  xpred = abstract(dit.LightningDiT, **kwargs, prediction="x")
+  z_t, lr, t, tok, r = _inputs(4, 3, (16, 16), kwargs["one_step"])
+  t[0] = 0.01  # below the floor
+  x_hat = np.asarray(_forward_fn(plain)(param_state(plain, pure), z_t, lr, t, tok, r))
+  got = np.asarray(_forward_fn(xpred)(param_state(xpred, pure), z_t, lr, t, tok, r))
+  floor = np.maximum(t, dit.X_PREDICTION_MIN_T)[:, None, None, None]
+  np.testing.assert_allclose(got, (z_t - x_hat) / floor, rtol=1e-5, atol=1e-4)
+  # On the flow z_t = (1 - t) x + t eps the implied velocity of the true x is eps - x.
   rng = np.random.default_rng(0)
-  x, noise = rng.standard_normal((2, 200_000))
-  for t in (0.0, 0.3, 0.5, 0.8, 1.0):
-    z_t, v = (1 - t) * x + t * noise, noise - x
-    slope = np.dot(z_t, v) / np.dot(z_t, z_t)
-    assert abs(float(dit.velocity_skip_coefficient(t)) - slope) < 0.01, t
+  x, eps = rng.standard_normal((2, 3, 4, 4, 2)).astype(np.float32)
+  tt = np.array([0.05, 0.5, 1.0], np.float32)[:, None, None, None]
+  v = dit.x_to_velocity((1 - tt) * x + tt * eps, x, tt[:, 0, 0, 0])
+  np.testing.assert_allclose(v, eps - x, atol=1e-5)
+  with pytest.raises(ValueError, match="prediction"):
+    abstract(dit.LightningDiT, **kwargs, prediction="eps")
+
+
+def test_time_scale_scales_the_embedded_time(pair):
+  """time_scale=s (not official; the demo's) embeds s t: without r it equals the official model
+  called at time s t; with r the (t - r) factor stays unscaled."""
+  _, _, pure, kwargs = pair
+  plain = abstract(dit.LightningDiT, **kwargs)
+  scaled = abstract(dit.LightningDiT, **kwargs, time_scale=1000.0)
+  z_t, lr, t, tok, _ = _inputs(5, 3, (16, 16), False)
+  want = np.asarray(_forward_fn(plain)(param_state(plain, pure), z_t, lr, 1000.0 * t, tok, None))
+  got = np.asarray(_forward_fn(scaled)(param_state(scaled, pure), z_t, lr, t, tok, None))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert not np.allclose(got, np.asarray(
+      _forward_fn(plain)(param_state(plain, pure), z_t, lr, t, tok, None)), atol=1e-3)

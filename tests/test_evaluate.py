@@ -61,11 +61,39 @@ def test_values_outputs_and_table(folders, capsys):
   assert [r[0] for r in rows[1:]] == ["astronaut", "coffee", "(mean)"]
   assert float(rows[-1][1]) == pytest.approx(result["mean"]["psnr"])
   out = capsys.readouterr().out
-  assert "| image | psnr | ssim | niqe |" in out and "| **mean** |" in out
+  assert "| image | psnr ↑ | ssim ↑ | niqe ↓ |" in out and "| **mean** |" in out
+  assert "NIQE rewards noise" in out
   assert "2 image(s) evaluated, 0 file(s) skipped" in out
   # Written atomically: no temporary files remain.
   assert sorted(p.name for p in pred.iterdir()) == [
       "astronaut.png", "coffee.png", "metrics.csv", "metrics.json"]
+
+
+def test_region_metrics(folders, capsys):
+  pred, gt = folders
+  names = ("flat_noise", "detail_hf", "detail_gsim")
+  assert E.main(["--pred", str(pred), "--gt", str(gt), "--metrics", ",".join(names)]) == 0
+  result = json.loads((pred / "metrics.json").read_text())
+  for name in ("astronaut", "coffee"):
+    p, g = _degrade(_photo(name)), _photo(name)
+    got = result["per_image"][name]
+    assert got["flat_noise"] == pytest.approx(M.flat_noise(p, g, 4), abs=1e-12)
+    assert got["detail_hf"] == pytest.approx(M.detail_hf(p, g, 4), abs=1e-12)
+    assert got["detail_gsim"] == pytest.approx(M.detail_gsim(p, g, 4), abs=1e-12)
+    assert got["flat_noise"] < 1 and got["detail_hf"] < 1 and got["detail_gsim"] < 1
+  out = capsys.readouterr().out
+  assert "| image | flat_noise ↓ | detail_hf →1 | detail_gsim ↑ |" in out
+  assert "NIQE" not in out
+  assert E.main(["--pred", str(pred), "--metrics", "flat_noise"]) == 2
+  assert "need a ground-truth folder" in capsys.readouterr().err
+
+
+def test_help_documents_directions_and_the_niqe_caveat(capsys):
+  with pytest.raises(SystemExit):
+    E.main(["--help"])
+  out = capsys.readouterr().out
+  assert "flat_noise ↓" in out and "detail_hf →1" in out and "detail_gsim ↑" in out
+  assert "NIQE rewards noise" in out
 
 
 def test_settings_flags_and_out_dir(folders, tmp_path):

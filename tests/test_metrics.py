@@ -248,3 +248,108 @@ def test_niqe_matches_basicsr(niqe_params):
       # into up to ~1% on images with flat regions. Ours is float64, as MATLAB and pyiqa.
       ref = bsr.calculate_niqe(img[..., ::-1], CROP)
       assert M.niqe(img, niqe_params, CROP) == pytest.approx(ref, rel=1.5e-2), name
+
+
+# Flat-region noise and detail sharpness, against SciPy references written from the definitions.
+def _scipy_regions(gt_y):
+  ndimage = pytest.importorskip("scipy.ndimage")
+  blur = lambda x, s: ndimage.gaussian_filter(x, s, mode="nearest", truncate=3.0)
+  act = np.sqrt(np.maximum(blur(gt_y**2, 3.0) - blur(gt_y, 3.0) ** 2, 0))
+  flat, detail = act <= np.quantile(act, 0.25), act >= np.quantile(act, 0.75)
+  return (lambda x: x - blur(x, 1.5)), flat, detail
+
+
+def _scipy_energy_ratio(pred_y, gt_y, region):
+  highpass, flat, detail = _scipy_regions(gt_y)
+  mask = flat if region == "flat" else detail
+  return np.mean(highpass(pred_y)[mask] ** 2) / max(np.mean(highpass(gt_y)[mask] ** 2), 1.0)
+
+
+def _scipy_gsim(pred_y, gt_y):
+  ndimage = pytest.importorskip("scipy.ndimage")
+  grads = [[ndimage.prewitt(y, axis=a, mode="nearest") / 3 for a in (0, 1)]
+           for y in (pred_y, gt_y)]
+  (p0, p1), (g0, g1) = grads
+  gsim = (2 * (p0 * g0 + p1 * g1) + 170) / (p0**2 + p1**2 + g0**2 + g1**2 + 170)
+  return gsim[_scipy_regions(gt_y)[2]].mean()
+
+
+def _gaussian_rgb(img, sigma):
+  ndimage = pytest.importorskip("scipy.ndimage")
+  return ndimage.gaussian_filter(img.astype(np.float64), (sigma, sigma, 0), mode="nearest")
+
+
+def _noisy(img, std, mask=None, seed=0):
+  noise = np.random.default_rng(seed).normal(0, std, img.shape)
+  if mask is not None:
+    noise *= mask[..., None]
+  return np.clip(img + noise, 0, 255)
+
+
+@pytest.fixture(scope="module")
+def chelsea():
+  return data.chelsea()
+
+
+def test_region_metrics_match_scipy_definitions(pairs):
+  for name, pred, gt in pairs:
+    y_pred, y_gt = (M.rgb_to_y(a)[CROP:-CROP, CROP:-CROP] for a in (pred, gt))
+    assert M.flat_noise(pred, gt, CROP) == pytest.approx(
+        _scipy_energy_ratio(y_pred, y_gt, "flat"), rel=1e-9), name
+    assert M.detail_hf(pred, gt, CROP) == pytest.approx(
+        _scipy_energy_ratio(y_pred, y_gt, "detail"), rel=1e-9), name
+    assert M.detail_gsim(pred, gt, CROP) == pytest.approx(_scipy_gsim(y_pred, y_gt), rel=1e-9), name
+
+
+def test_local_activity_of_a_step_edge():
+  y = np.zeros((40, 40))
+  y[:, 20:] = 100.0
+  act = M.local_activity(y)
+  assert act[:, :5].max() == pytest.approx(0.0, abs=1e-9)   # 15+ px from the edge: flat
+  assert act[:, 19:21].min() == pytest.approx(50.0, rel=0.02)  # at the edge: std of 0 and 100
+
+
+def test_region_metrics_of_the_reference_itself(chelsea):
+  for fn in (M.flat_noise, M.detail_hf, M.detail_gsim):
+    assert fn(chelsea, chelsea, CROP) == pytest.approx(1.0)
+  # A grey (H, W) image is taken as Y; a brightness offset adds no high-pass energy.
+  y = M.rgb_to_y(chelsea)
+  assert M.detail_gsim(y + 1, y, CROP) == pytest.approx(M.detail_gsim(chelsea, chelsea, CROP))
+  assert M.flat_noise(y + 1, y, CROP) == pytest.approx(1.0)
+  # A textureless HR divides by the floor (1 grey level^2), not by 0.
+  flat = np.full((32, 32), 128.0)
+  assert M.flat_noise(flat, flat) == pytest.approx(0.0, abs=1e-12)
+  noise = np.random.default_rng(0).normal(0, 1, flat.shape)
+  assert M.flat_noise(flat + noise, flat) == pytest.approx(
+      np.mean((noise - M._gaussian_blur(noise, 1.5)) ** 2))
+
+
+def test_noise_in_flat_areas_raises_flat_noise_only(chelsea):
+  flat = M.local_activity(M.rgb_to_y(chelsea)) <= np.quantile(
+      M.local_activity(M.rgb_to_y(chelsea)), 0.25)
+  scores = [M.flat_noise(_noisy(chelsea, s, flat), chelsea, CROP) for s in (0, 2, 4, 8)]
+  assert scores[0] == pytest.approx(1.0) and scores[-1] > 5
+  assert all(a < b for a, b in zip(scores, scores[1:])), scores
+  noisy = _noisy(chelsea, 8, flat)
+  assert M.detail_hf(noisy, chelsea, CROP) == pytest.approx(1.0, abs=0.05)
+
+
+def test_blur_lowers_every_score_and_noise_lowers_gsim(pairs, chelsea):
+  for fn in (M.flat_noise, M.detail_hf, M.detail_gsim):
+    scores = [fn(_gaussian_rgb(chelsea, s), chelsea, CROP) for s in (0.5, 1, 2, 4)]
+    assert 1 > scores[0] and all(a > b for a, b in zip(scores, scores[1:])), (fn, scores)
+  for name, pred, gt in pairs:  # bicubic x4 and JPEG q30: both smoother than the HR
+    assert M.flat_noise(pred, gt, CROP) < 1 and M.detail_hf(pred, gt, CROP) < 1, name
+  # Noise everywhere lowers the gradient similarity of the HR and of a blurred image alike: it
+  # is not rewarded as the magnitude-only GMS would reward it on a blurred image.
+  bicubic = _bicubic_x4(chelsea)
+  for base in (chelsea, bicubic):
+    scores = [M.detail_gsim(_noisy(base, s), chelsea, CROP) for s in (0, 2, 5, 10, 20)]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_region_metric_errors(chelsea):
+  with pytest.raises(ValueError, match=r"flat_noise: image shapes differ"):
+    M.flat_noise(chelsea[:, :100], chelsea)
+  with pytest.raises(ValueError, match="detail_gsim: expected an .* 4 channels"):
+    M.detail_gsim(np.zeros((20, 20, 4)), np.zeros((20, 20, 4)))

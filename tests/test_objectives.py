@@ -97,3 +97,23 @@ def test_time_distributions():
 def test_velocity_loss_is_plain_mse():
   a, b = jnp.ones((2, 3)), jnp.zeros((2, 3))
   assert float(objectives.velocity_loss(a * 2, b)) == 4.0
+
+
+def test_x_loss_space_is_the_clean_sample_mse():
+  """loss_space='x' weighs the velocity MSE by t^2: the MSE of x = z_t - t v (t >= the floor)."""
+  rng = np.random.default_rng(0)
+  x, eps, v_hat = rng.standard_normal((3, 4, 5, 5, 3)).astype(np.float32)
+  t = np.array([0.05, 0.2, 0.7, 1.0], np.float32)
+  z_t = objectives.interpolate(x, eps, t)
+  x_hat = z_t - t[:, None, None, None] * v_hat
+  weight = objectives.loss_weight(ml_collections.ConfigDict(dict(loss_space="x")), t)
+  np.testing.assert_allclose(
+      objectives.velocity_loss(v_hat, objectives.velocity(x, eps), weight),
+      np.mean(np.square(x_hat - x)), rtol=1e-5)
+  official = ml_collections.ConfigDict(dict(loss_space="velocity"))
+  assert objectives.loss_weight(official, t) is None
+  # Below the floor the weight stays at floor^2 (as dit.x_to_velocity floors t).
+  low = objectives.loss_weight(ml_collections.ConfigDict(dict(loss_space="x")), np.float32([0.0]))
+  np.testing.assert_allclose(low, [0.05 ** 2], rtol=1e-6)
+  with pytest.raises(ValueError, match="loss_space"):
+    objectives.loss_weight(ml_collections.ConfigDict(dict(loss_space="eps")), t)

@@ -15,14 +15,25 @@ the run continues; means cover the evaluated images only. Hidden files and this 
 outputs are ignored. Exit status: 0 when at least one image was evaluated, 1 when none was, 2 on
 a usage or setup error (unknown metric, missing folder, missing weights).
 
-Metrics (see `vosr_jax.metrics` for the definitions):
-  psnr, ssim  full reference; `--crop-border` and `--y-channel` (BasicSR's x4 convention: 4, Y).
-  niqe        no reference, on the prediction; always the Y channel (as BasicSR), same crop.
-  lpips, dists (full reference), musiq, maniqa, clipiqa (no reference): through the optional
-              package `pyiqa` on the whole RGB image (no crop), only from weight files already in
-              the torch hub cache (`$TORCH_HOME/hub`, default ~/.cache/torch/hub); a missing file
-              is an error naming it. Backbones that pyiqa fetches through timm or the Hugging Face
-              hub (MANIQA's ViT) are not checked here; pyiqa's own error is re-raised.
+Metrics (see `vosr_jax.metrics` for the definitions), with their direction as the printed
+table's header marks it (↑ higher is better, ↓ lower is better, →1 closest to 1 is best):
+  psnr, ssim  ↑ full reference; `--crop-border` and `--y-channel` (BasicSR's x4 convention: 4, Y).
+  flat_noise  ↓ full reference: high-pass energy of the prediction where the HR is locally flat
+              (lowest quarter of its local standard deviation) over the HR's own there (floor 1
+              grey level^2). The HR scores 1, blur < 1, noise and speckle >> 1. Y, same crop.
+  detail_hf   →1 the same energy ratio where the HR is most detailed (highest quarter): blur < 1;
+              noise raises it too, so read it with detail_gsim.
+  detail_gsim ↑ gradient similarity (GMSD's GMS on Prewitt gradient vectors) on that detailed
+              region: 1 for the HR, lowered by blur and by noise alike.
+  niqe        ↓ no reference, on the prediction; always the Y channel (as BasicSR), same crop.
+              NIQE rewards noise: a speckled output can score better than the HR photos
+              themselves; flat_noise is the check for that.
+  lpips ↓, dists ↓ (full reference), musiq ↑, maniqa ↑, clipiqa ↑ (no reference): through the
+              optional package `pyiqa` on the whole RGB image (no crop), only from weight files
+              already in the torch hub cache (`$TORCH_HOME/hub`, default ~/.cache/torch/hub); a
+              missing file is an error naming it. Backbones that pyiqa fetches through timm or
+              the Hugging Face hub (MANIQA's ViT) are not checked here; pyiqa's own error is
+              re-raised.
 
 Image reading: Pillow, EXIF orientation applied, converted to 8-bit RGB. Alpha is dropped (not
 composited; as OpenCV's `imread`), grey and palette images are expanded to RGB, 16-bit grey is
@@ -47,7 +58,8 @@ from vosr_jax import metrics as M
 
 OUTPUT_FILES = ("metrics.json", "metrics.csv")
 DEFAULT_METRICS = ("psnr", "ssim")
-_BUILTIN_FULL_REFERENCE = {"psnr": True, "ssim": True, "niqe": False}
+_BUILTIN_FULL_REFERENCE = {"psnr": True, "ssim": True, "flat_noise": True, "detail_hf": True,
+                           "detail_gsim": True, "niqe": False}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -68,6 +80,12 @@ PYIQA_METRICS = {
     "clipiqa": PyiqaMetric("clipiqa", False, ("clip/RN50.pt",)),
 }
 KNOWN_METRICS = tuple(_BUILTIN_FULL_REFERENCE) + tuple(PYIQA_METRICS)
+# Which way is better: "↑" higher, "↓" lower, "→1" closest to 1.
+DIRECTIONS = {"psnr": "↑", "ssim": "↑", "flat_noise": "↓", "detail_hf": "→1", "detail_gsim": "↑",
+              "niqe": "↓", "lpips": "↓", "dists": "↓", "musiq": "↑", "maniqa": "↑",
+              "clipiqa": "↑"}
+_REGION_METRICS = {"flat_noise": M.flat_noise, "detail_hf": M.detail_hf,
+                   "detail_gsim": M.detail_gsim}
 
 
 class _Metric(NamedTuple):
@@ -145,6 +163,8 @@ def _build_metrics(names, crop_border, y_channel, niqe_params):
       built[name] = _Metric(True, lambda p, g: M.psnr(p, g, crop_border, y_channel))
     elif name == "ssim":
       built[name] = _Metric(True, lambda p, g: M.ssim(p, g, crop_border, y_channel))
+    elif name in _REGION_METRICS:
+      built[name] = _Metric(True, lambda p, g, fn=_REGION_METRICS[name]: fn(p, g, crop_border))
     elif name == "niqe":
       params = M.load_niqe_params(niqe_params)
       built[name] = _Metric(False, lambda p, g: M.niqe(p, params, crop_border))
@@ -179,8 +199,9 @@ def evaluate_folders(pred_dir, gt_dir=None, metrics=DEFAULT_METRICS, crop_border
     gt_dir: folder of ground-truth images, paired by file stem; may be None when every metric is
       no-reference.
     metrics: metric names, a subset of KNOWN_METRICS.
-    crop_border: pixels removed from each edge for psnr, ssim and niqe.
-    y_channel: psnr/ssim on the BT.601 Y channel (True) or averaged over RGB (False).
+    crop_border: pixels removed from each edge for the built-in metrics (all but pyiqa's).
+    y_channel: psnr/ssim on the BT.601 Y channel (True) or averaged over RGB (False); the other
+      built-in metrics always use Y.
     niqe_params: NIQE pristine-model npz; None means `metrics.load_niqe_params` defaults.
     progress: show a tqdm progress bar.
 
@@ -295,16 +316,20 @@ def write_results(result, out_dir):
 
 
 def format_table(result):
-  """Markdown table: one row per evaluated image and a bold mean row."""
+  """Markdown table: one row per evaluated image and a bold mean row; headers show DIRECTIONS."""
   names = result["settings"]["metrics"]
 
   def fmt(v):
     return "n/a" if v is None else f"{v:.4f}"
 
-  lines = ["| image | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+  lines = ["| image | " + " | ".join(f"{n} {DIRECTIONS[n]}" for n in names) + " |",
+           "|---|" + "---:|" * len(names)]
   for stem, values in result["per_image"].items():
     lines.append(f"| {stem} | " + " | ".join(fmt(values[n]) for n in names) + " |")
   lines.append("| **mean** | " + " | ".join(fmt(result["mean"][n]) for n in names) + " |")
+  lines.append("\n↑ higher is better, ↓ lower is better, →1 closest to 1 is best.")
+  if "niqe" in names:
+    lines.append("NIQE rewards noise (a speckled output can beat the HR): check flat_noise.")
   return "\n".join(lines)
 
 
@@ -314,7 +339,8 @@ def _parse_args(argv):
   p.add_argument("--pred", required=True, help="folder of predicted images")
   p.add_argument("--gt", help="folder of ground-truth images (paired by file stem)")
   p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                 help=f"comma-separated, from: {', '.join(KNOWN_METRICS)}")
+                 help="comma-separated, from: " + ", ".join(
+                     f"{n} {DIRECTIONS[n]}" for n in KNOWN_METRICS) + " (see above)")
   p.add_argument("--crop-border", type=int, default=4, help="pixels cut from each edge")
   p.add_argument("--y-channel", action=argparse.BooleanOptionalAction, default=True,
                  help="psnr/ssim on the BT.601 Y channel (default) or on RGB")

@@ -1,4 +1,4 @@
-"""Full-reference (PSNR, SSIM) and no-reference (NIQE) image-quality metrics, BasicSR definitions.
+"""Full-reference (PSNR, SSIM, flat-region noise, detail sharpness) and no-reference (NIQE) metrics.
 
 Images are NumPy arrays in HWC RGB order (or HW for a single channel), either uint8 or float
 holding values in [0, 255]; they are never rescaled, so a float image in [0, 1] gives wrong
@@ -13,6 +13,11 @@ Conventions (BasicSR `calculate_psnr`, `calculate_ssim`, `calculate_niqe`):
     (0.01 * 255)^2 and (0.03 * 255)^2, and averages the per-channel SSIMs of a colour image;
   * NIQE always works on the rounded Y channel, with the standard pristine model
     (`assets/niqe_pris_params.npz`, from BasicSR 1.4.2, Apache-2.0).
+
+NIQE rewards noise: a speckled output can score better (lower) than the HR photo itself.
+`flat_noise` is the check for that. It and the two detail measures (`detail_hf`, `detail_gsim`;
+ours, defined in their docstrings) split the image by the HR's local activity, always on the
+unrounded Y channel after the same border crop.
 """
 import math
 import os
@@ -25,6 +30,12 @@ import numpy as np
 NIQE_PARAMS_ENV = "VOSR_NIQE_PARAMS"
 DEFAULT_NIQE_PARAMS = Path(__file__).parent / "assets" / "niqe_pris_params.npz"
 _NIQE_BLOCK = 96  # pixels; the block size the pristine model was fitted with
+# Flat-region noise and detail sharpness (definitions in `flat_noise`, `detail_gsim`).
+HIGHPASS_SIGMA = 1.5    # pixels: h(y) = y - Gaussian blur of y
+ACTIVITY_SIGMA = 3.0    # pixels: window of the HR's local standard deviation
+REGION_QUANTILE = 0.25  # flat: lowest quarter of the HR's activity; detail: highest quarter
+ENERGY_FLOOR = 1.0      # grey levels^2: least HR high-pass energy an energy ratio divides by
+GSIM_C = 170.0          # GMSD's stability constant for [0, 255] data
 
 
 def rgb_to_y(img):
@@ -91,7 +102,7 @@ def psnr(pred, gt, crop_border=0, y_channel=False):
   return float(10.0 * np.log10(255.0**2 / mse))
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=None)
 def _gaussian_1d(size=11, sigma=1.5):
   """Normalised 1-D Gaussian taps, equal to `cv2.getGaussianKernel(size, sigma)`."""
   x = np.arange(size) - (size - 1) / 2
@@ -136,6 +147,133 @@ def ssim(pred, gt, crop_border=0, y_channel=False):
   if min(pred.shape[:2]) < 11:
     raise ValueError(f"ssim: needs at least 11x11 pixels after cropping, got {pred.shape[:2]}")
   return float(np.mean([_ssim_channel(pred[..., c], gt[..., c]) for c in range(pred.shape[-1])]))
+
+
+def _prepare_y_pair(pred, gt, crop_border, name):
+  """`_prepare_pair` on the Y channel; returns two (H, W) float64 arrays."""
+  pred, gt = _prepare_pair(pred, gt, crop_border, True, name)
+  if pred.shape[-1] != 1:
+    raise ValueError(f"{name}: expected an (H, W, 3) RGB or (H, W) image, got {pred.shape[-1]} "
+                     f"channels")
+  return pred[..., 0], gt[..., 0]
+
+
+def _gaussian_blur(x, sigma):
+  """(H, W) `x` smoothed by a Gaussian truncated at 3 sigma, edges extended (scipy 'nearest')."""
+  radius = int(3 * sigma + 0.5)
+  return _filter_valid(np.pad(x, radius, mode="edge"), _gaussian_1d(2 * radius + 1, sigma))
+
+
+def _highpass(y):
+  """h(y) = y - G(y): the detail a Gaussian of sigma HIGHPASS_SIGMA removes; (H, W) -> (H, W)."""
+  return y - _gaussian_blur(y, HIGHPASS_SIGMA)
+
+
+def local_activity(y):
+  """Local standard deviation in a Gaussian window of sigma ACTIVITY_SIGMA.
+
+  Args:
+    y: (H, W) luma (e.g. `rgb_to_y`), values in [0, 255].
+
+  Returns:
+    (H, W) float64, in grey levels: sqrt(max(G(y^2) - G(y)^2, 0)).
+  """
+  mu = _gaussian_blur(y, ACTIVITY_SIGMA)
+  return np.sqrt(np.maximum(_gaussian_blur(y * y, ACTIVITY_SIGMA) - mu**2, 0.0))
+
+
+def _region(gt, region):
+  """Boolean (H, W) mask: the lowest ("flat") or highest ("detail") REGION_QUANTILE of activity."""
+  act = local_activity(gt)
+  if region == "flat":
+    return act <= np.quantile(act, REGION_QUANTILE)
+  return act >= np.quantile(act, 1.0 - REGION_QUANTILE)
+
+
+def _energy_ratio(pred, gt, mask):
+  """mean(h(pred)^2) / max(mean(h(gt)^2), ENERGY_FLOOR) over `mask`."""
+  energy = [np.mean(_highpass(x)[mask] ** 2) for x in (pred, gt)]
+  return float(energy[0] / max(energy[1], ENERGY_FLOOR))
+
+
+def flat_noise(pred, gt, crop_border=0):
+  """High-pass energy the prediction adds where the HR is locally flat, relative to the HR's.
+
+  On the Y channel (after the border crop): h(x) = x - G_1.5(x), with G_s a Gaussian blur of
+  sigma s pixels (truncated at 3 s, edges extended); the flat mask is the pixels whose HR local
+  activity (`local_activity`: local standard deviation, Gaussian window of sigma 3) is at or
+  below its 25 % quantile in this image. The score is mean(h(pred)^2) / max(mean(h(gt)^2), 1)
+  over the mask; the floor of 1 grey level^2 keeps an HR without texture there (e.g. a clipped
+  sky) from dividing by ~0. The HR scores 1 (if above the floor), a blurred output < 1, noise or
+  speckle >> 1. Lower is better down to 1, below which the output is smoother than the HR.
+
+  Args:
+    pred: (H, W, 3) RGB or (H, W) Y image, uint8 or float in [0, 255].
+    gt: reference image of the same shape and range.
+    crop_border: pixels removed from every edge first.
+
+  Returns:
+    The energy ratio as a Python float (>= 0).
+  """
+  pred, gt = _prepare_y_pair(pred, gt, crop_border, "flat_noise")
+  return _energy_ratio(pred, gt, _region(gt, "flat"))
+
+
+def detail_hf(pred, gt, crop_border=0):
+  """High-pass energy ratio where the HR is most detailed: `flat_noise` on the other region.
+
+  The mask is the pixels whose HR local activity is at or above its 75 % quantile in this image;
+  h, the activity and the floor are those of `flat_noise`. The HR scores 1, a blurred output
+  (bicubic) < 1. Noise raises it as well as restored detail does, so read it with `detail_gsim`.
+
+  Args:
+    pred: (H, W, 3) RGB or (H, W) Y image, uint8 or float in [0, 255].
+    gt: reference image of the same shape and range.
+    crop_border: pixels removed from every edge first.
+
+  Returns:
+    The energy ratio as a Python float (>= 0); closer to 1 is better.
+  """
+  pred, gt = _prepare_y_pair(pred, gt, crop_border, "detail_hf")
+  return _energy_ratio(pred, gt, _region(gt, "detail"))
+
+
+def _prewitt(y):
+  """Gradients (gx, gy) of (H, W) `y` with GMSD's Prewitt filters ([1 0 -1] x [1 1 1] / 3)."""
+  p = np.pad(y, 1, mode="edge")
+  across = p[:, :-2] - p[:, 2:]  # (H + 2, W): horizontal differences
+  down = p[:-2] - p[2:]          # (H, W + 2): vertical differences
+  gx = (across[:-2] + across[1:-1] + across[2:]) / 3
+  gy = (down[:, :-2] + down[:, 1:-1] + down[:, 2:]) / 3
+  return gx, gy
+
+
+def detail_gsim(pred, gt, crop_border=0):
+  """Gradient similarity where the HR is most detailed: GMSD's GMS on gradient vectors.
+
+  On the Y channel (after the border crop), g = (gx, gy) are Prewitt gradients (filters
+  [1 0 -1] x [1 1 1] / 3, edges extended), and per pixel
+    gsim = (2 g_pred . g_gt + c) / (|g_pred|^2 + |g_gt|^2 + c)
+         = 1 - |g_pred - g_gt|^2 / (|g_pred|^2 + |g_gt|^2 + c),
+  with c = 170 (GMSD's constant, 0.0026 on [0, 1] data); the score is its mean over the
+  `detail_hf` mask. GMS (Xue et al. 2014) compares gradient magnitudes |g|, which added noise
+  raises towards the HR's on a blurred image (bicubic + noise scores higher than bicubic); the dot
+  product cancels noise uncorrelated with the HR, so blur and noise both lower this score. Unlike
+  GMSD, it is taken at full resolution (no 2x downsampling: x4 SR restores the finest scale) and
+  averaged, not pooled by its standard deviation. 1 for the HR; higher is better.
+
+  Args:
+    pred: (H, W, 3) RGB or (H, W) Y image, uint8 or float in [0, 255].
+    gt: reference image of the same shape and range.
+    crop_border: pixels removed from every edge first.
+
+  Returns:
+    Mean gradient similarity as a Python float in [-1, 1].
+  """
+  pred, gt = _prepare_y_pair(pred, gt, crop_border, "detail_gsim")
+  (px, py), (gx, gy) = _prewitt(pred), _prewitt(gt)
+  gsim = (2 * (px * gx + py * gy) + GSIM_C) / (px**2 + py**2 + gx**2 + gy**2 + GSIM_C)
+  return float(gsim[_region(gt, "detail")].mean())
 
 
 class NiqeParams(NamedTuple):

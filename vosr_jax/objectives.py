@@ -27,21 +27,40 @@ the gradient) and `student_target` (the same student with its parameters gradien
 the sub-steps that build targets). `rcgm_target` and `shortcut_target` share one signature, so
 `config.distill.distill_type` only swaps the function.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from vosr_jax.models import dit
 
 TARGETS = ("latent", "residual")
+LOSS_SPACES = ("velocity", "x")
+
+
+class ResidualScale(NamedTuple):
+  """How the residual target scales HR latent - LR latent into the flow's data space.
+
+  scale: s. window: 0 for the constant scale s; an odd k for the local scale s (floor + the
+  standard deviation of the LR latent in a k x k window, averaged over channels), which gives the
+  flow the same variance in flat and detailed regions. floor: added to that deviation (latent
+  units).
+  """
+  scale: float
+  window: int = 0
+  floor: float = 0.0
 
 
 def residual_scale(config):
-  """The residual scale s of the objective config, or None for the official latent target.
+  """The `ResidualScale` of the objective config, or None for the official latent target.
 
   Args:
-    config: the objective config (`target`, `residual_scale`); a config without `target` (saved
-      before the field existed) is the official 'latent'.
+    config: the objective config (`target`, `residual_scale`, `residual_window`,
+      `residual_floor`); a config without `target` (saved before the field existed) is the
+      official 'latent'.
   Raises:
-    ValueError naming the field: an unknown target or a non-positive scale.
+    ValueError naming the field: an unknown target, a non-positive scale, an even or negative
+    window, or a non-positive floor with a window.
   """
   target = config.get("target", "latent")
   if target not in TARGETS:
@@ -50,17 +69,44 @@ def residual_scale(config):
     return None
   if not config.residual_scale > 0:
     raise ValueError(f"config.objective.residual_scale={config.residual_scale} must be > 0")
-  return float(config.residual_scale)
+  window = int(config.residual_window)
+  if window < 0 or (window and window % 2 == 0):
+    raise ValueError(f"config.objective.residual_window={window} must be 0 or odd and positive")
+  if window and not config.residual_floor > 0:
+    raise ValueError(f"config.objective.residual_floor={config.residual_floor} must be > 0")
+  return ResidualScale(float(config.residual_scale), window, float(config.residual_floor))
+
+
+def local_std(x, window):
+  """Standard deviation of (B, H, W, C) `x` in `window` x `window` neighbourhoods (edges
+  replicated), averaged over channels: (B, H, W, 1) float32."""
+  p = window // 2
+  x = jnp.pad(x.astype(jnp.float32), ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
+
+  def box_mean(a):
+    return jax.lax.reduce_window(a, 0.0, jax.lax.add, (1, window, window, 1), (1, 1, 1, 1),
+                                 "VALID") / window ** 2
+
+  var = jnp.maximum(box_mean(x * x) - jnp.square(box_mean(x)), 0.0)
+  return jnp.mean(jnp.sqrt(var), axis=-1, keepdims=True)
+
+
+def scale_map(lr_latent, scale):
+  """The residual scale at each latent position: s, or (B, H, W, 1) s (floor + `local_std`)."""
+  if not scale.window:
+    return scale.scale
+  return scale.scale * (scale.floor + local_std(lr_latent, scale.window))
 
 
 def to_flow(latent, lr_latent, scale):
-  """The flow's data space from latent space: `latent` (scale None) or (latent - lr) / scale."""
-  return latent if scale is None else (latent - lr_latent) / scale
+  """The flow's data space from latent space: `latent` (scale None) or (latent - lr) /
+  `scale_map`(lr)."""
+  return latent if scale is None else (latent - lr_latent) / scale_map(lr_latent, scale)
 
 
 def from_flow(x, lr_latent, scale):
-  """The inverse of `to_flow`: `x` (scale None) or lr + scale * x."""
-  return x if scale is None else lr_latent + scale * x
+  """The inverse of `to_flow`: `x` (scale None) or lr + `scale_map`(lr) x."""
+  return x if scale is None else lr_latent + scale_map(lr_latent, scale) * x
 
 
 def sample_time(key, batch, config):
@@ -91,6 +137,11 @@ def interpolate(x, eps, t):
 def velocity(x, eps):
   """The flow-matching target eps - x."""
   return eps - x
+
+
+def _per_sample(x, like):
+  """(B,) -> (B, 1, 1, 1) to broadcast over `like`'s latent axes."""
+  return x.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def spherical_noise(key, lr_latent, strength):
@@ -187,18 +238,37 @@ def conditions(key, config, latents):
   return dict(lr_cond=lr_cond, lr_mixed=lr_mixed, tokens_mixed=tokens_mixed, w=w, info=info)
 
 
-def velocity_loss(prediction, target):
-  """Mean squared error over every element, computed in float32."""
-  return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
+def velocity_loss(prediction, target, weight=None):
+  """Mean squared error over every element, computed in float32; `weight` (B,) scales each
+  sample's squared errors (None: 1)."""
+  err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+  if weight is not None:
+    err = _per_sample(weight, err) * err
+  return jnp.mean(err)
+
+
+def loss_weight(config, t):
+  """Per-sample weight of the multistep velocity loss for `config.loss_space`, or None.
+
+  'velocity' (official): None, the plain velocity MSE. 'x' (a departure, the demo's): the MSE of
+  the clean sample x = z_t - t v that a velocity implies, i.e. the velocity MSE times t^2 (t
+  floored as `dit.x_to_velocity` floors it), so every t weighs alike in x and the last, nearly
+  clean steps do not dominate.
+
+  Args:
+    config: the objective config (`loss_space`).
+    t: (B,) flow times.
+  """
+  if config.loss_space not in LOSS_SPACES:
+    raise ValueError(f"config.objective.loss_space={config.loss_space!r} must be one of "
+                     f"{LOSS_SPACES}")
+  if config.loss_space == "velocity":
+    return None
+  return jnp.square(jnp.maximum(t, dit.X_PREDICTION_MIN_T))
 
 
 # ------------------------------------------------------------------------------------------------
 # One-step distillation (spec §5). `distill_config` is `config.distill`.
-
-def _per_sample(x, like):
-  """(B,) -> (B, 1, 1, 1) to broadcast over `like`'s latent axes."""
-  return x.reshape((-1,) + (1,) * (like.ndim - 1))
-
 
 def distill_times(key, batch, distill_config):
   """(t, r) per sample: t = max(u1, u2) (density 2t), r = t (1 - g), g ~ Beta(beta_a, beta_b).

@@ -70,13 +70,16 @@ def latent_velocity(velocity, residual_scale):
   """`velocity` (of the flow the denoiser learnt) as the velocity of the latent.
 
   With the official latent target (`residual_scale` None) the two are the same. With the residual
-  target the denoiser's flow lives in x = `objectives.to_flow`(z, lr) = (z - lr) / s; Euler steps
-  on z = lr + s x with the velocity s * v(x) are exactly Euler steps on x, so the samplers keep
-  one latent-space state whatever the target (start: `objectives.from_flow`(noise, lr)).
+  target the denoiser's flow lives in x = `objectives.to_flow`(z, lr) = (z - lr) / s, s =
+  `objectives.scale_map`(lr) (fixed along the path); Euler steps on z = lr + s x with the velocity
+  s * v(x) are exactly Euler steps on x, so the samplers keep one latent-space state whatever the
+  target (start: `objectives.from_flow`(noise, lr)). Tiles compute a local s from their own LR
+  crop, which differs from the whole image's only within window // 2 of a tile edge, where the
+  blend weights are small.
 
   Args:
     velocity: (z, lr, t, tokens, r) -> velocity in the denoiser's flow space.
-    residual_scale: s, or None.
+    residual_scale: an `objectives.ResidualScale`, or None.
   Returns:
     (z, lr, t, tokens, r) -> latent-space velocity.
   """
@@ -85,7 +88,7 @@ def latent_velocity(velocity, residual_scale):
 
   def wrapped(z, lr, t, tokens, r):
     x = objectives.to_flow(z, lr, residual_scale)
-    return residual_scale * velocity(x, lr, t, tokens, r)
+    return objectives.scale_map(lr, residual_scale) * velocity(x, lr, t, tokens, r)
 
   return wrapped
 
@@ -337,8 +340,8 @@ class Networks:
     downsample: autoencoder factor d.
     patch_size: denoiser patch p (latent sides must be multiples of it).
     one_step: a one-step student (has an r embedder) or a multi-step model.
-    residual_scale: None (the official latent target) or the scale of a denoiser trained with
-      `config.objective.target='residual'` (`objectives.residual_scale`).
+    residual_scale: None (the official latent target) or the `objectives.ResidualScale` of a
+      denoiser trained with `config.objective.target='residual'`.
   """
   denoiser: Any = dataclasses.field(repr=False)
   encoder: Any = dataclasses.field(repr=False)
@@ -348,7 +351,7 @@ class Networks:
   downsample: int
   patch_size: int
   one_step: bool
-  residual_scale: float | None = None
+  residual_scale: objectives.ResidualScale | None = None
 
   @property
   def multiple(self):

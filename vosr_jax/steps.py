@@ -144,7 +144,8 @@ def _multistep_loss(params, aux_params, graphs, latents, key, config):
   del aux_params
   inputs, target, info = objectives.targets_multistep(key, config.objective, latents)
   prediction = apply_denoiser(graphs.denoiser, params, inputs)
-  return objectives.velocity_loss(prediction, target), info
+  weight = objectives.loss_weight(config.objective, inputs["t"])
+  return objectives.velocity_loss(prediction, target, weight), info
 
 
 def _distill_loss(params, teacher_params, graphs, latents, key, config):

@@ -45,6 +45,9 @@ REMAT_POLICIES = {
 
 _zeros = jax.nn.initializers.zeros
 
+PREDICTIONS = ("velocity", "x")  # What the final layer predicts (`LightningDiT` `prediction`).
+X_PREDICTION_MIN_T = 0.05  # Floor of t in `x_to_velocity`.
+
 
 def variant_kwargs(variant, **overrides):
   """Constructor arguments of `LightningDiT` for a named size (a key of `VARIANTS`).
@@ -112,10 +115,14 @@ class LightningDiT(nnx.Module):
     encdim_ratio: hidden width of the token projection, as a multiple of D.
     rope_grid: token-grid side the RoPE positions are scaled to (official: 64 // 2 = 32).
     one_step: adds `r_embedder` (one-step students; `auxiliary_time_cond` upstream).
-    velocity_skip: not in the official model (False there and for converted checkpoints): adds
-      `velocity_skip_coefficient(t) * z_t` to the output, the best linear guess of the velocity
-      from z_t for unit-variance data, so a small network need not copy the noise through its
-      final RMSNorm to cancel it (the demo's; see README "The demo").
+    prediction: what the final layer predicts. "velocity" (official; the only choice for
+      converted checkpoints): the output is the network's. "x" (a departure, the demo's): the
+      network predicts the clean flow sample x and the output is the velocity it implies,
+      `x_to_velocity(z_t, x, t)`, so the noise never has to pass through the network (Li & He,
+      "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720).
+    time_scale: t and r are multiplied by it before their sinusoidal embeddings. 1 (official): the
+      raw t in [0, 1], where only the lowest of the 128 frequencies turn by more than a fraction
+      of a radian; 1000 (a departure, the demo's) spreads them over t as DDPM-style models do.
     scan: run the block stack with `lax.scan` (compile time independent of depth) or unrolled.
     remat_policy: None, or a key of `REMAT_POLICIES`, to rematerialise each block.
     attention: `layers.dot_product_attention` implementation: None (the backend's fastest:
@@ -125,7 +132,8 @@ class LightningDiT(nnx.Module):
   """
 
   def __init__(self, *, latent_channels, hidden_size, depth, num_heads, enc_dim, patch_size=2,
-               mlp_ratio=4, encdim_ratio=3, rope_grid=32, one_step=False, velocity_skip=False,
+               mlp_ratio=4, encdim_ratio=3, rope_grid=32, one_step=False, prediction="velocity",
+               time_scale=1.0,
                scan=True, remat_policy=None, attention=None, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs):
     if hidden_size % num_heads or (hidden_size // num_heads) % 4:
@@ -139,7 +147,9 @@ class LightningDiT(nnx.Module):
     self.latent_channels, self.patch_size, self.depth = c, p, depth
     self.head_dim, self.rope_grid, self.enc_dim = d // num_heads, rope_grid, enc_dim
     self.scan, self.remat_policy, self.dtype = scan, remat_policy, dtype
-    self.velocity_skip = velocity_skip
+    if prediction not in PREDICTIONS:
+      raise ValueError(f"dit.py: prediction {prediction!r} is not one of {PREDICTIONS}")
+    self.prediction, self.time_scale = prediction, time_scale
 
     # Dense on (ph, pw, cin)-flattened patches == the official stride-p conv.
     self.x_embedder = linear(p * p * 2 * c, d, ("vocab", "embed"), **kw)
@@ -165,11 +175,11 @@ class LightningDiT(nnx.Module):
 
   def _conditioning(self, t, r):
     """c = t_emb(t) [+ r_emb(r) * (t - r)]: (B,) times -> (B, D)."""
-    c = self.t_embedder(t)
+    c = self.t_embedder(t * self.time_scale)
     if r is not None:
       if self.r_embedder is None:
         raise ValueError("dit.py: r was given but this model has no r_embedder (one_step=False)")
-      c = c + self.r_embedder(r) * (t - r).astype(c.dtype)[:, None]
+      c = c + self.r_embedder(r * self.time_scale) * (t - r).astype(c.dtype)[:, None]
     return c
 
   def _run_blocks(self, x, c0, cond, rope):
@@ -220,16 +230,20 @@ class LightningDiT(nnx.Module):
 
     x = self.final_layer(x, c_vec).reshape(b, h, w, p, p, c)
     out = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c).astype(jnp.float32)
-    if self.velocity_skip:
-      out = out + velocity_skip_coefficient(t)[:, None, None, None] * z_t.astype(jnp.float32)
+    if self.prediction == "x":
+      out = x_to_velocity(z_t.astype(jnp.float32), out, t)
     return out
 
 
-def velocity_skip_coefficient(t):
-  """(2t - 1) / ((1 - t)^2 + t^2): the least-squares velocity v = noise - x from z_t = (1 - t) x
-  + t noise, for x and noise independent with unit variance (-1 at t = 0, 1 at t = 1). (B,)."""
-  t = jnp.asarray(t, jnp.float32)
-  return (2 * t - 1) / ((1 - t) ** 2 + t ** 2)
+def x_to_velocity(z_t, x, t):
+  """The velocity (z_t - x) / max(t, X_PREDICTION_MIN_T) of a clean-sample prediction x.
+
+  With z_t = (1 - t) x + t eps the velocity eps - x equals (z_t - x) / t; the floor keeps it finite
+  near t = 0 (as JiT's t_eps). For a one-step student this is the average velocity from t to any
+  r, so a jump to r = 0 lands on x. z_t, x: (B, H, W, C); t: (B,).
+  """
+  t = jnp.maximum(jnp.asarray(t, jnp.float32), X_PREDICTION_MIN_T)[:, None, None, None]
+  return (z_t - x) / t
 
 
 
