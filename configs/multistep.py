@@ -93,8 +93,9 @@ def demo_overrides(config):
   config.encoder.path at converted DINOv2 weights (with the matching config.encoder.variant and
   tap_layer) to use real ones.
   """
-  # x-prediction (not in the official model): the noise need not pass through the network.
-  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4, prediction="x",
+  # Clean-sample prediction with a skip to z_t (not in the official model): the noise need not
+  # pass through the network, and near t = 0 it corrects z_t rather than copying it.
+  config.model.overrides.update(hidden_size=128, depth=4, num_heads=4, prediction="x_skip",
                                 time_scale=1000.0)
   config.data.sources = f"{DEMO_DATA}/train"
   config.batch_size = 32

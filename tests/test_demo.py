@@ -72,7 +72,7 @@ def test_demo_config_uses_the_residual_target_and_cosine_decay():
   assert ms.data.sources == "runs/demo/data/train"
   assert multistep.get_config("tiny").objective.target == "latent"
   # The demo's departures are options whose defaults are the official recipe.
-  assert ms.model.overrides.prediction == os_.model.overrides.prediction == "x"
+  assert ms.model.overrides.prediction == os_.model.overrides.prediction == "x_skip"
   assert ms.objective.loss_space == "x" and ms.objective.residual_window == 9
   official = multistep.get_config("0.5b")
   assert "prediction" not in official.model.overrides and "time_scale" not in official.model.overrides

@@ -45,7 +45,7 @@ REMAT_POLICIES = {
 
 _zeros = jax.nn.initializers.zeros
 
-PREDICTIONS = ("velocity", "x")  # What the final layer predicts (`LightningDiT` `prediction`).
+PREDICTIONS = ("velocity", "x", "x_skip")  # What the final layer predicts (`LightningDiT` `prediction`).
 X_PREDICTION_MIN_T = 0.05  # Floor of t in `x_to_velocity`.
 
 
@@ -116,10 +116,13 @@ class LightningDiT(nnx.Module):
     rope_grid: token-grid side the RoPE positions are scaled to (official: 64 // 2 = 32).
     one_step: adds `r_embedder` (one-step students; `auxiliary_time_cond` upstream).
     prediction: what the final layer predicts. "velocity" (official; the only choice for
-      converted checkpoints): the output is the network's. "x" (a departure, the demo's): the
-      network predicts the clean flow sample x and the output is the velocity it implies,
+      converted checkpoints): the output is the network's. "x" (a departure): the network
+      predicts the clean flow sample x and the output is the velocity it implies,
       `x_to_velocity(z_t, x, t)`, so the noise never has to pass through the network (Li & He,
-      "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720).
+      "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720). "x_skip" (a
+      departure, the demo's): the same with x = `skip_x(z_t, f, t)`, which is the network's f at
+      t = 1 and tends to z_t as t -> 0 (Karras et al. 2022's preconditioning), so near the data
+      the network corrects z_t by at most about t f instead of copying it.
     time_scale: t and r are multiplied by it before their sinusoidal embeddings. 1 (official): the
       raw t in [0, 1], where only the lowest of the 128 frequencies turn by more than a fraction
       of a radian; 1000 (a departure, the demo's) spreads them over t as DDPM-style models do.
@@ -232,7 +235,21 @@ class LightningDiT(nnx.Module):
     out = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c).astype(jnp.float32)
     if self.prediction == "x":
       out = x_to_velocity(z_t.astype(jnp.float32), out, t)
+    elif self.prediction == "x_skip":
+      z = z_t.astype(jnp.float32)
+      out = x_to_velocity(z, skip_x(z, out, t), t)
     return out
+
+
+def skip_x(z_t, f, t):
+  """c_skip(t) z_t + c_out(t) f, the clean-sample estimate of EDM's preconditioning (Karras et
+  al. 2022) for unit-variance data on z_t = (1 - t) x + t eps: c_skip = (1 - t) / n^2, c_out =
+  t / n, n^2 = (1 - t)^2 + t^2; f's target (x - c_skip z_t) / c_out has unit variance at every t.
+  z_t, f: (B, H, W, C); t: (B,).
+  """
+  t = jnp.asarray(t, jnp.float32)[:, None, None, None]
+  n2 = jnp.square(1 - t) + jnp.square(t)
+  return (1 - t) / n2 * z_t + t / jnp.sqrt(n2) * f
 
 
 def x_to_velocity(z_t, x, t):
