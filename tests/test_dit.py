@@ -302,3 +302,25 @@ def test_time_scale_scales_the_embedded_time(pair):
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert not np.allclose(got, np.asarray(
       _forward_fn(plain)(param_state(plain, pure), z_t, lr, t, tok, None)), atol=1e-3)
+
+
+def test_x_skip_prediction_is_the_preconditioned_clean_sample(pair):
+  """prediction='x_skip' (not official; the demo's): x = c_skip z_t + c_out f, whose f target has
+  unit variance at every t for unit-variance data, is f at t = 1 and z_t at t = 0."""
+  _, _, pure, kwargs = pair
+  plain = abstract(dit.LightningDiT, **kwargs)
+  skip = abstract(dit.LightningDiT, **kwargs, prediction="x_skip")
+  z_t, lr, t, tok, r = _inputs(6, 3, (16, 16), kwargs["one_step"])
+  f = np.asarray(_forward_fn(plain)(param_state(plain, pure), z_t, lr, t, tok, r))
+  got = np.asarray(_forward_fn(skip)(param_state(skip, pure), z_t, lr, t, tok, r))
+  want = dit.x_to_velocity(z_t, dit.skip_x(z_t, f, t), t)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  ones, twos = np.ones((2, 1, 1, 1), np.float32), np.full((2, 1, 1, 1), 2.0, np.float32)
+  np.testing.assert_allclose(dit.skip_x(ones, twos, np.float32([1.0, 0.0])).ravel(), [2.0, 1.0])
+  rng = np.random.default_rng(1)
+  x, eps = rng.standard_normal((2, 200_000))
+  for tt in (0.1, 0.5, 0.9):
+    z = (1 - tt) * x + tt * eps
+    n2 = (1 - tt) ** 2 + tt ** 2
+    f_target = (x - (1 - tt) / n2 * z) / (tt / np.sqrt(n2))
+    assert abs(f_target.std() - 1.0) < 0.01, tt
