@@ -9,15 +9,14 @@ import types
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import multistep
+import train_utils
 from train_utils import ROOT
-from vosr_jax import checkpoint, cli_utils, demo, evaluate, inference, logging_utils, sample
-from vosr_jax import steps, train
+from vosr_jax import checkpoint, cli_utils, demo, evaluate, logging_utils, sample, train
 
 DEAD_PID = 2**22 + 12345  # Above Linux's pid_max: no process has it.
 
@@ -60,18 +59,7 @@ def read_only(tmp_path):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A tiny-config training workdir with one committed checkpoint (step 1)."""
-  path = str(tmp_path_factory.mktemp("run"))
-  config = multistep.get_config("tiny")
-  config.unlock()
-  config.checkpoint.async_save = False
-  params = inference.random_pipeline(config).params["denoiser"]
-  state = steps.TrainState(step=jnp.int32(1), params=params, opt_state=(), ema_params=params,
-                           rng=jax.random.PRNGKey(0))
-  ckpt = checkpoint.TrainCheckpointer(path, config)
-  ckpt.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
-  ckpt.wait()
-  ckpt.close()
-  return path
+  return train_utils.tiny_workdir(str(tmp_path_factory.mktemp("run")))
 
 
 def _largest_data_file(step_folder):

@@ -1,45 +1,22 @@
 """`python -m vosr_jax.sample`: checkpoints, determinism and the bad-input table."""
 import os
 
-import grain
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
-from configs import multistep
-from vosr_jax import checkpoint, inference, sample, steps
+import train_utils
+from vosr_jax import checkpoint, inference, sample
 from vosr_jax.models import dit, qwen_vae, vit
 
 ARGS = ["--steps", "2"]
 
 
-def _perturbed(params, seed):
-  """Every leaf + 0.05 N(0, 1): the zero-initialised output layer would make the model a no-op."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A training workdir of the tiny config with one checkpoint (EMA = perturbed random init)."""
-  path = str(tmp_path_factory.mktemp("run"))
-  config = multistep.get_config("tiny")
-  config.unlock()
-  config.checkpoint.async_save = False
-  pipe = inference.random_pipeline(config)
-  ema = _perturbed(pipe.params["denoiser"], 0)
-  state = steps.TrainState(step=jnp.int32(1), params=ema, opt_state=(), ema_params=ema,
-                           rng=jax.random.PRNGKey(0))
-  ckpt = checkpoint.TrainCheckpointer(path, config)
-  ckpt.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
-  ckpt.wait()
-  ckpt.close()
-  return path
+  return train_utils.tiny_workdir(str(tmp_path_factory.mktemp("run")), perturb_seed=0)
 
 
 def _save(folder, rgb, name, **kw):
@@ -184,7 +161,7 @@ def test_converted_release_folder_with_a_one_step_denoiser(tmp_path, capsys):
   for kind, kwargs in nets.items():
     params = nnx.state(makers[kind](**kwargs, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
     if kind == "dit":
-      params = _perturbed(params, 1)
+      params = train_utils.perturbed(params, 1)
     metadata = {"kind": kind, "kwargs": kwargs}
     if kind == "vit":
       metadata.update(tap_layer=1, image_size=56)

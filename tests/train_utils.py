@@ -111,3 +111,35 @@ def build_training(config, mesh):
       lambda rngs: models.build_denoiser(config.model, rngs, dtype), config, mesh, tx)
   return dict(graphs=steps.Graphs(graphdef, enc_graph, ae_graph), state=state, state_sh=state_sh,
               frozen=frozen, frozen_sh=frozen_sh, tx=tx, schedule=schedule)
+
+
+def tiny_workdir(path, perturb_seed=None):
+  """Writes a training workdir of configs/multistep.py:tiny with one checkpoint (step 1) at `path`
+  and returns `path`. The EMA is the random init, or `perturbed` with `perturb_seed`."""
+  import grain  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from configs import multistep  # pylint: disable=import-outside-toplevel
+  from vosr_jax import checkpoint, inference, steps  # pylint: disable=import-outside-toplevel
+  config = multistep.get_config("tiny")
+  config.unlock()
+  config.checkpoint.async_save = False
+  params = inference.random_pipeline(config).params["denoiser"]
+  if perturb_seed is not None:
+    params = perturbed(params, perturb_seed)
+  state = steps.TrainState(step=jnp.int32(1), params=params, opt_state=(), ema_params=params,
+                           rng=jax.random.PRNGKey(0))
+  ckpt = checkpoint.TrainCheckpointer(path, config)
+  ckpt.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
+  ckpt.wait()
+  ckpt.close()
+  return path
+
+
+def perturbed(params, seed):
+  """Every leaf + 0.05 N(0, 1): the zero-initialised output layer would make the model a no-op."""
+  import jax  # pylint: disable=import-outside-toplevel
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                   for p, k in zip(leaves, keys)])
