@@ -95,6 +95,9 @@ def get_base_config():
   # Space of the multistep loss: 'velocity' (official: the velocity MSE) or 'x' (a departure: the
   # MSE of the clean sample the velocity implies, the velocity MSE times t^2).
   config.objective.loss_space = "velocity"
+  # 0: every flow element weighs alike. p > 0 (a departure; needs residual_window): each position
+  # weighs scale_map(lr)^p over the batch mean; 2 is the error in latent (pixel) units.
+  config.objective.loss_scale_power = 0.0
   config.objective.time_dist = "uniform"  # 'uniform' or 'logit_normal'.
   config.objective.time_mu = 0.0  # logit_normal: t = sigmoid(N(mu, sigma^2)).
   config.objective.time_sigma = 1.0

@@ -99,6 +99,10 @@ def test_velocity_loss_is_plain_mse():
   assert float(objectives.velocity_loss(a * 2, b)) == 4.0
 
 
+def _loss_config(**kw):
+  return ml_collections.ConfigDict(dict(dict(loss_space="velocity", loss_scale_power=0.0), **kw))
+
+
 def test_x_loss_space_is_the_clean_sample_mse():
   """loss_space='x' weighs the velocity MSE by t^2: the MSE of x = z_t - t v (t >= the floor)."""
   rng = np.random.default_rng(0)
@@ -106,14 +110,31 @@ def test_x_loss_space_is_the_clean_sample_mse():
   t = np.array([0.05, 0.2, 0.7, 1.0], np.float32)
   z_t = objectives.interpolate(x, eps, t)
   x_hat = z_t - t[:, None, None, None] * v_hat
-  weight = objectives.loss_weight(ml_collections.ConfigDict(dict(loss_space="x")), t)
+  weight = objectives.loss_weight(_loss_config(loss_space="x"), t, x)
   np.testing.assert_allclose(
       objectives.velocity_loss(v_hat, objectives.velocity(x, eps), weight),
       np.mean(np.square(x_hat - x)), rtol=1e-5)
-  official = ml_collections.ConfigDict(dict(loss_space="velocity"))
-  assert objectives.loss_weight(official, t) is None
+  assert objectives.loss_weight(_loss_config(), t, x) is None
   # Below the floor the weight stays at floor^2 (as dit.x_to_velocity floors t).
-  low = objectives.loss_weight(ml_collections.ConfigDict(dict(loss_space="x")), np.float32([0.0]))
-  np.testing.assert_allclose(low, [0.05 ** 2], rtol=1e-6)
+  low = objectives.loss_weight(_loss_config(loss_space="x"), np.float32([0.0]), x[:1])
+  np.testing.assert_allclose(low.ravel(), [0.05 ** 2], rtol=1e-6)
   with pytest.raises(ValueError, match="loss_space"):
-    objectives.loss_weight(ml_collections.ConfigDict(dict(loss_space="eps")), t)
+    objectives.loss_weight(_loss_config(loss_space="eps"), t, x)
+
+
+def test_loss_scale_power_2_is_the_mse_in_latent_units():
+  """With a local residual scale s(lr), power 2 weighs the flow-space error by s^2 / mean(s^2):
+  the MSE of the latents the flow maps back to, over the batch's mean s^2."""
+  rng = np.random.default_rng(1)
+  lr = rng.standard_normal((2, 8, 8, 3)).astype(np.float32) * np.linspace(0.1, 2, 8)[:, None, None]
+  hr, hr_hat = rng.standard_normal((2, 2, 8, 8, 3)).astype(np.float32)
+  config = _loss_config(target="residual", residual_scale=0.5, residual_window=3,
+                        residual_floor=0.01, loss_scale_power=2.0)
+  scale = objectives.residual_scale(config)
+  x, x_hat = (objectives.to_flow(a, lr, scale) for a in (hr, hr_hat))
+  weight = objectives.loss_weight(config, np.ones(2, np.float32), lr)
+  s2 = np.square(np.asarray(objectives.scale_map(lr, scale)))
+  np.testing.assert_allclose(objectives.velocity_loss(x_hat, x, weight),
+                             np.mean(np.square(hr_hat - hr)) / s2.mean(), rtol=1e-4)
+  with pytest.raises(ValueError, match="loss_scale_power"):
+    objectives.loss_weight(_loss_config(loss_scale_power=2.0), np.ones(2, np.float32), lr)

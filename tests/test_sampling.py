@@ -48,6 +48,24 @@ def test_multistep_is_the_guided_euler_recursion():
   assert np.abs(np.asarray(other) - z).max() > 1e-2  # the weak strength really changes the anchor
 
 
+def test_unit_guidance_is_the_conditional_velocity_alone():
+  """cfg 1 gives v_cond, and the denoiser sees only the conditional batch."""
+  key = jax.random.split(jax.random.key(1), 3)
+  lr, z = jax.random.normal(key[0], (2, 2, 8, 8, 3))
+  tokens = jax.random.normal(key[1], (2, 5, 4))
+  batches = []
+
+  def denoiser(z, lr, t, tokens, r):
+    batches.append(z.shape[0])
+    return _linear_denoiser(z, lr, t, tokens, r)
+
+  unit = sampling.guided_velocity(denoiser, 1.0, 0.15)(z, lr, 0.3, tokens, None)
+  assert batches == [2]
+  guided = sampling.guided_velocity(denoiser, 1.0 + 1e-7, 0.15)(z, lr, 0.3, tokens, None)
+  assert batches == [2, 4]
+  np.testing.assert_allclose(unit, guided, atol=1e-5)
+
+
 def test_onestep_uses_r_and_no_guidance():
   key = jax.random.split(jax.random.key(1), 2)
   lr = jax.random.normal(key[0], (1, 8, 8, 3))

@@ -239,32 +239,48 @@ def conditions(key, config, latents):
 
 
 def velocity_loss(prediction, target, weight=None):
-  """Mean squared error over every element, computed in float32; `weight` (B,) scales each
-  sample's squared errors (None: 1)."""
+  """Mean squared error over every element, computed in float32; `weight` (broadcastable to the
+  prediction, e.g. (B, 1, 1, 1) or (B, H, W, 1)) scales the squared errors (None: 1)."""
   err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
   if weight is not None:
-    err = _per_sample(weight, err) * err
+    err = weight * err
   return jnp.mean(err)
 
 
-def loss_weight(config, t):
-  """Per-sample weight of the multistep velocity loss for `config.loss_space`, or None.
+def loss_weight(config, t, lr_latent):
+  """Weight of the multistep velocity loss's squared errors, or None (every element alike).
 
-  'velocity' (official): None, the plain velocity MSE. 'x' (a departure, the demo's): the MSE of
-  the clean sample x = z_t - t v that a velocity implies, i.e. the velocity MSE times t^2 (t
-  floored as `dit.x_to_velocity` floors it), so every t weighs alike in x and the last, nearly
-  clean steps do not dominate.
+  `config.loss_space`: 'velocity' (official) weighs every t alike in velocity; 'x' (a departure,
+  the demo's) gives the MSE of the clean sample x = z_t - t v that a velocity implies, i.e. the
+  velocity MSE times t^2 (t floored as `dit.x_to_velocity` floors it), so every t weighs alike in
+  x and the last, nearly clean steps do not dominate.
+  `config.loss_scale_power` p (a departure; residual target with a local scale only): each
+  position is also weighed by scale_map(lr)^p over its batch mean. p = 2 measures the error in
+  latent (pixel) units, where PSNR measures it, instead of in units of the local scale, which
+  would let flat regions, where every residual is tiny, outweigh edges.
 
   Args:
-    config: the objective config (`loss_space`).
+    config: the objective config (`loss_space`, `loss_scale_power` and the residual fields).
     t: (B,) flow times.
+    lr_latent: (B, H, W, C) LR latent (the clean one the residual is relative to).
+  Returns:
+    None, or float32 (B, 1, 1, 1) or (B, H, W, 1).
   """
   if config.loss_space not in LOSS_SPACES:
     raise ValueError(f"config.objective.loss_space={config.loss_space!r} must be one of "
                      f"{LOSS_SPACES}")
-  if config.loss_space == "velocity":
-    return None
-  return jnp.square(jnp.maximum(t, dit.X_PREDICTION_MIN_T))
+  weight = None
+  if config.loss_space == "x":
+    weight = _per_sample(jnp.square(jnp.maximum(t, dit.X_PREDICTION_MIN_T)), lr_latent)
+  if config.loss_scale_power:
+    scale = residual_scale(config)
+    if scale is None or not scale.window:
+      raise ValueError(f"config.objective.loss_scale_power={config.loss_scale_power} needs "
+                       "target='residual' with a residual_window")
+    local = jnp.power(scale_map(lr_latent, scale), config.loss_scale_power)
+    local = local / jnp.mean(local)
+    weight = local if weight is None else weight * local
+  return weight
 
 
 # ------------------------------------------------------------------------------------------------

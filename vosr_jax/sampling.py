@@ -39,7 +39,8 @@ def guided_velocity(apply_fn, cfg_scale, weak_strength):
   Args:
     apply_fn: denoiser (z (B,h,w,C), lr (B,h,w,C), t (B,), tokens (B,N,D), r (B,) | None) ->
       velocity (B,h,w,C).
-    cfg_scale: guidance scale s (1 = conditional only, 0 = weak only).
+    cfg_scale: guidance scale s (1 = conditional only, and the weak branch is not evaluated;
+      0 = weak only).
     weak_strength: w of the weak condition (w * lr latent, zero tokens).
   Returns:
     velocity(z, lr, t, tokens, r) with scalar t; r is ignored (multi-step models have no r).
@@ -47,6 +48,8 @@ def guided_velocity(apply_fn, cfg_scale, weak_strength):
   def velocity(z, lr, t, tokens, r):
     del r
     b = z.shape[0]
+    if isinstance(cfg_scale, (int, float)) and cfg_scale == 1:  # The weak branch has weight 0.
+      return apply_fn(z, lr, jnp.full((b,), t, jnp.float32), tokens, None)
     out = apply_fn(jnp.concatenate([z, z]), jnp.concatenate([lr, weak_strength * lr]),
                    jnp.full((2 * b,), t, jnp.float32),
                    jnp.concatenate([tokens, jnp.zeros_like(tokens)]), None)
@@ -121,7 +124,8 @@ def _integrate(field, noise, num_steps, with_r):
 
 def sample_multistep(apply_fn, lr_latent, tokens, noise, *, num_steps=25, cfg_scale=0.5,
                      weak_strength=0.15, tiles=None, residual_scale=None):
-  """Guided Euler from t = 1 (noise) to 0 (spec §6.3): 2N denoiser evaluations per image.
+  """Guided Euler from t = 1 (noise) to 0 (spec §6.3): 2N denoiser evaluations per image (N with
+  cfg_scale 1).
 
   Args:
     apply_fn: the denoiser, see `guided_velocity`.

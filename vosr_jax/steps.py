@@ -144,7 +144,7 @@ def _multistep_loss(params, aux_params, graphs, latents, key, config):
   del aux_params
   inputs, target, info = objectives.targets_multistep(key, config.objective, latents)
   prediction = apply_denoiser(graphs.denoiser, params, inputs)
-  weight = objectives.loss_weight(config.objective, inputs["t"])
+  weight = objectives.loss_weight(config.objective, inputs["t"], latents["lr_latent"])
   return objectives.velocity_loss(prediction, target, weight), info
 
 
