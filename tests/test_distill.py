@@ -176,8 +176,8 @@ def test_student_at_r_equals_t_is_the_teacher():
   t = jnp.array([0.3, 0.9])
   np.testing.assert_array_equal(student(noise, lr, t, tokens, None),
                                 teacher_fn(noise, lr, t, tokens, None))
-  sample = jax.jit(lambda fn: sampling.sample_multistep(fn, lr, tokens, noise, num_steps=3),
-                   static_argnums=0)
+  sample = jax.jit(lambda fn: sampling.sample_multistep(
+      fn, lr, tokens, noise, num_steps=3, cfg_scale=0.5, weak_strength=0.15), static_argnums=0)
   ours, theirs = sample(student), sample(teacher_fn)
   assert float(jnp.abs(theirs - noise).mean()) > 1e-3  # the teacher does move the sample
   np.testing.assert_array_equal(ours, theirs)
