@@ -176,21 +176,25 @@ class Validator:
     self.keys = jax.device_put(jax.random.split(jax.random.key(config.eval.seed), len(self.hq)),
                                rep)
     kwargs = models.denoiser_kwargs(config.model)
-    self.settings = sampling.Settings.from_config(config.sampling, dit.is_one_step(kwargs))
+    self.one_step = dit.is_one_step(kwargs)
+    self.settings = sampling.Settings.from_config(config.sampling, self.one_step)
     self._graphs, self._patch_size = graphs, kwargs["patch_size"]
     self._shardings, self._fn = (param_sh, frozen_sh, rep, rep), None
+
+  def networks(self, frozen):
+    """The `sampling.Networks` of the trained denoiser with the frozen networks `frozen`."""
+    config, graphs = self.config, self._graphs
+    return sampling.Networks(
+        denoiser=graphs.denoiser, encoder=graphs.encoder, autoencoder=graphs.autoencoder,
+        tap_layer=config.encoder.tap_layer, encoder_size=config.encoder.image_size,
+        downsample=nnx.merge(graphs.autoencoder, frozen["autoencoder"]).downsample,
+        patch_size=self._patch_size, one_step=self.one_step,
+        residual_scale=objectives.residual_scale(config.objective))
 
   def sample(self, ema_params, frozen, lq, keys):
     """Super-resolves `lq` (B, H, W, 3) in [-1, 1] (the LR at the output size) -> uint8."""
     if self._fn is None:
-      config, graphs = self.config, self._graphs
-      networks = sampling.Networks(
-          denoiser=graphs.denoiser, encoder=graphs.encoder, autoencoder=graphs.autoencoder,
-          tap_layer=config.encoder.tap_layer, encoder_size=config.encoder.image_size,
-          downsample=nnx.merge(graphs.autoencoder, frozen["autoencoder"]).downsample,
-          patch_size=self._patch_size, one_step=dit.is_one_step(models.denoiser_kwargs(
-              config.model)), residual_scale=objectives.residual_scale(config.objective))
-      settings = self.settings
+      networks, settings = self.networks(frozen), self.settings
 
       def fn(params, frozen, images, keys):
         return sampling.super_resolve(networks, {"denoiser": params, **frozen}, images, keys,
