@@ -138,7 +138,10 @@ def load_pipeline(path, *, encoder=None, autoencoder=None, dtype="float32"):
     raise FileNotFoundError(f"{path}: no such checkpoint folder")
   compute = models.compute_dtype(dtype)
   found, scale = checkpoint.resolve(path), None
-  denoiser = models.load_denoiser(path, label=path, missing=_no_model(path), dtype=compute)
+  missing = FileNotFoundError(
+      f"{path}: no converted denoiser (dit) there; pass a release folder as --checkpoint with a "
+      "folder `python -m vosr_jax.convert` wrote.") if found.networks else _no_model(path)
+  denoiser = models.load_denoiser(path, label=path, missing=missing, dtype=compute)
   den_graph, den_params, source = denoiser.graphdef, denoiser.params, denoiser.source
   if found.what == "workdir":
     config = denoiser.config

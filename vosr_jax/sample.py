@@ -63,8 +63,8 @@ def parse_args(argv):
   p.add_argument("--steps", type=int, help="Euler steps (preset: num_steps multi-step, "
                  "onestep_num_steps one-step)")
   p.add_argument("--cfg-scale", type=float,
-                 help="restoration guidance scale, multi-step only (paper presets: -0.5 RealSR, "
-                 "0.5 ScreenSR)")
+                 help="restoration guidance scale, multi-step only (paper settings: --preset=realsr, "
+                 "--preset=screensr)")
   p.add_argument("--weak-strength", type=float,
                  help="w of the weak anchor w * LR latent, multi-step only")
   p.add_argument("--noise-scale", type=float,
