@@ -17,8 +17,8 @@ import dataclasses
 from typing import Any
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 from flax import nnx
 
