@@ -29,7 +29,7 @@ DATA = $(WORKDIR)/data
 SR = $(WORKDIR)/sr
 MS_FLAGS ?=
 OS_FLAGS ?=
-SAMPLE_FLAGS ?= --tile-size=64 --tile-overlap=16 --cfg-scale=1.0 --color-fix=none --overwrite
+SAMPLE_FLAGS ?= --preset=demo --overwrite
 METRICS ?= psnr,ssim,flat_noise,detail_hf,detail_gsim,niqe
 TIMED = $(PY) -m vosr_jax.demo time --log=$(WORKDIR)/timings.json
 SAMPLE = $(PY) -m vosr_jax.sample --input=$(DATA)/heldout_lr $(SAMPLE_FLAGS)

@@ -9,6 +9,7 @@ from ml_collections import config_dict
 
 from configs import data as data_config
 from configs import degradation as degradation_config
+from configs import sampling as sampling_config
 
 
 def parse_arg(arg, **defaults):
@@ -127,10 +128,10 @@ def get_base_config():
   config.eval.every_steps = 10_000  # 0 disables the periodic validation samples.
   config.eval.num_images = 4  # Fixed validation crops from the data sources (seed below).
   config.eval.seed = 1234  # Picks and degrades the validation crops, and draws the noise.
-  config.eval.num_steps = 25  # Guided Euler steps (one-step models: jumps of the average velocity).
-  config.eval.cfg_scale = -0.5  # The multistep YAMLs' eval value (spec §8.6).
-  config.eval.weak_strength = 0.15  # Midpoint of weak_strength_range, as the official sampler.
   config.eval.crop_border = 4  # PSNR/SSIM border crop (the x4 BasicSR convention).
+  # How validation samples: the sampler of `python -m vosr_jax.sample` with these settings (the
+  # multistep YAMLs' eval guidance, spec §8.6).
+  config.sampling = sampling_config.get_config("realsr")
 
   config.data = data_config.get_config()
   config.degradation = degradation_config.get_config()

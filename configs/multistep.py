@@ -19,6 +19,7 @@ Launch (single host):
 FSDP instead of data parallelism: --config.mesh.data=1 --config.mesh.fsdp=-1.
 """
 from configs import common
+from configs import sampling as sampling_config
 
 
 def get_config(arg="0.5b"):
@@ -71,8 +72,8 @@ def variant_config(variant):
     config.checkpoint.every_steps = 100
     config.eval.every_steps = 100
     config.eval.num_images = 2
-    config.eval.num_steps = 4
-    config.eval.cfg_scale = 0.5
+    config.sampling = sampling_config.get_config("default")
+    config.sampling.num_steps = 4
     if variant == "demo":
       demo_overrides(config)
   else:
@@ -115,7 +116,7 @@ def demo_overrides(config):
   config.log_every_steps = 25
   config.checkpoint.every_steps = 1000  # And at the last step.
   config.eval.every_steps = 0  # Held-out evaluation is `make demo`'s sample + evaluate.
-  config.eval.cfg_scale = 1.0
+  config.sampling = sampling_config.get_config("demo")
   # Clean bicubic x4 (PyTorch's, no antialiasing) through the same chain: no blur, noise or sinc;
   # JPEG at quality 99 (steps below one 8-bit level; quality 100 divides by zero in DiffJPEG's
   # tables). `python -m vosr_jax.demo prepare` makes the held-out LR with it too. The LR goes back

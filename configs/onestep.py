@@ -40,7 +40,6 @@ def get_config(arg="0.5b"):
   config.optim.lr = 2e-5
   config.checkpoint.every_steps = 5_000
   config.eval.every_steps = 5_000
-  config.eval.num_steps = 1  # One jump from t = 1 to r = 0 (no guidance).
 
   config.distill = ml_collections.ConfigDict()
   config.distill.distill_type = "rcgm"  # 'rcgm' (default) or 'shortcut'.

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import multistep
-from vosr_jax import inference, objectives, sampling
+from configs import sampling as sampling_config
+from vosr_jax import checkpoint, inference, objectives, sampling
 
 S = objectives.ResidualScale(0.1)
 LOCAL = objectives.ResidualScale(0.5, window=3, floor=0.01)  # the LR's local deviation
@@ -30,7 +31,8 @@ def _latents(batch=3):
 
 def test_scale_and_round_trip():
   assert objectives.residual_scale(_objective("latent")) is None
-  assert objectives.residual_scale(ml_collections.ConfigDict({})) is None  # older configs
+  older = checkpoint.upgrade_saved_config({"objective": {}})["objective"]  # saved before target
+  assert objectives.residual_scale(ml_collections.ConfigDict(older)) is None
   assert objectives.residual_scale(_objective()) == objectives.ResidualScale(0.1, 0, 0.01)
   assert objectives.residual_scale(_objective(residual_scale=0.5, residual_window=3)) == LOCAL
   with pytest.raises(ValueError, match="config.objective.target"):
@@ -108,7 +110,7 @@ def test_samplers_integrate_the_residual_flow_in_latent_space(one_step, scale):
   else:
     def run(start, scale, tiles=None):
       return sampling.sample_multistep(_denoiser, lr, tokens, start, num_steps=3, cfg_scale=0.7,
-                                       tiles=tiles, residual_scale=scale)
+                                       weak_strength=0.15, tiles=tiles, residual_scale=scale)
   flow = run(noise, None)
   latent = run(objectives.from_flow(noise, lr, scale), scale)
   np.testing.assert_allclose(latent, lr + objectives.scale_map(lr, scale) * flow, atol=1e-5)
@@ -119,8 +121,9 @@ def test_pipeline_reads_the_target_and_stages_match_super_resolve():
   pipe = inference.random_pipeline(config)
   assert pipe.networks.residual_scale == objectives.residual_scale(config.objective)
   assert pipe.networks.residual_scale.window == 9
-  settings = sampling.Settings(num_steps=2, cfg_scale=1.0, tile_size=32, tile_overlap=8,
-                               color_fix="none")
+  settings = sampling.Settings.from_config(
+      sampling_config.get_config(), False, num_steps=2, cfg_scale=1.0, tile_size=32,
+      tile_overlap=8, color_fix="none")
   images = jax.random.uniform(jax.random.key(3), (1, 48, 64, 3), jnp.float32, -1.0, 1.0)
   keys = jax.random.key(4)[None]
   whole = np.asarray(pipe.jit(settings)(pipe.params, images, keys))

@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from configs import multistep
+from configs import sampling as sampling_config
 from vosr_jax import color_fix, inference, sampling
 from vosr_jax.models import vae
 
+
+
+def _settings(**overrides):
+  """Multi-step `sampling.Settings` of the default sampling preset with `overrides`."""
+  return sampling.Settings.from_config(sampling_config.get_config(), False, **overrides)
 
 def _linear_denoiser(z, lr, t, tokens, r):
   """An analytic stand-in: v = z - lr + 0.1 t + token mean (+ r when given)."""
@@ -71,7 +77,7 @@ def test_onestep_uses_r_and_no_guidance():
   lr = jax.random.normal(key[0], (1, 8, 8, 3))
   noise = jax.random.normal(key[1], (1, 8, 8, 3))
   tokens = jnp.zeros((1, 4, 2))
-  out = sampling.sample_onestep(_linear_denoiser, lr, tokens, noise)
+  out = sampling.sample_onestep(_linear_denoiser, lr, tokens, noise, num_steps=1)
   # x0 = eps - S(eps, t=1, r=0) = eps - (eps - lr + 0.1 + 0).
   np.testing.assert_allclose(out, lr - 0.1, atol=1e-6)
 
@@ -117,9 +123,10 @@ def test_tiled_sampling_has_no_visible_seams():
   assert np.abs(np.asarray(averaged - exact)).max() > 0.05
 
   whole = np.asarray(sampling.sample_multistep(_blur_denoiser, lr, tokens, noise, num_steps=4,
-                                               cfg_scale=1.0))[0]
+                                               cfg_scale=1.0, weak_strength=0.15))[0]
   tiled = np.asarray(sampling.sample_multistep(_blur_denoiser, lr, tile_tokens, noise,
-                                               num_steps=4, cfg_scale=1.0, tiles=tiles))[0]
+                                               num_steps=4, cfg_scale=1.0, weak_strength=0.15,
+                                               tiles=tiles))[0]
 
   def max_jump(a):
     return max(np.abs(np.diff(a, axis=0)).max(), np.abs(np.diff(a, axis=1)).max())
@@ -203,10 +210,10 @@ def _smooth_batch(h, w):
 def test_pipeline_tile_larger_than_image_is_exact_and_batch_independent(tiny):
   x = jnp.concatenate([_smooth_batch(36, 44), -_smooth_batch(36, 44)])
   keys = jnp.stack([sampling.image_key(0, "a"), sampling.image_key(0, "b")])
-  base = sampling.Settings(num_steps=3)
+  base = _settings(num_steps=3)
   out = np.asarray(tiny.jit(base)(tiny.params, x, keys))
   assert out.shape == (2, 36, 44, 3) and out.dtype == np.uint8
-  big = sampling.Settings(num_steps=3, tile_size=512, vae_tile_size=512)
+  big = _settings(num_steps=3, tile_size=512, vae_tile_size=512)
   np.testing.assert_array_equal(tiny.jit(big)(tiny.params, x, keys), out)
   # Row 0 does not depend on row 1 (another image, another key).
   x2 = x.at[1].set(0.0)
@@ -219,7 +226,7 @@ def test_noise_scale_scales_the_starting_noise(tiny):
   latent target: 0 gives z_1 = 0, and the output then no longer depends on the key."""
   x = _smooth_batch(32, 32)
   keys = [jnp.stack([sampling.image_key(0, name)]) for name in ("a", "b")]
-  full, half, zero = (sampling.Settings(num_steps=2, noise_scale=s) for s in (1.0, 0.5, 0.0))
+  full, half, zero = (_settings(num_steps=2, noise_scale=s) for s in (1.0, 0.5, 0.0))
   z = {s: tiny.jit_stages(s)[0](tiny.params, x, keys[0])["z"] for s in (full, half, zero)}
   np.testing.assert_allclose(z[half], 0.5 * z[full], atol=1e-6)
   np.testing.assert_array_equal(z[zero], 0.0)
@@ -233,9 +240,9 @@ def test_pipeline_tiles_with_overlap_blend_smoothly(tiny):
   """Tiny model, smooth image, 32 px tiles with overlap vs untiled, steps run one by one."""
   x = _smooth_batch(64, 64)
   keys = jnp.stack([sampling.image_key(0, "a")])
-  whole_settings = sampling.Settings(num_steps=2, color_fix="none")
+  whole_settings = _settings(num_steps=2, color_fix="none")
   whole = np.asarray(tiny.jit(whole_settings)(tiny.params, x, keys), np.float64)
-  settings = sampling.Settings(num_steps=2, tile_size=32, tile_overlap=16, color_fix="none")
+  settings = _settings(num_steps=2, tile_size=32, tile_overlap=16, color_fix="none")
   prepare, step, finish = tiny.jit_stages(settings)
   state = prepare(tiny.params, x, keys)
   for k in range(settings.num_steps):
@@ -253,8 +260,8 @@ def test_pipeline_tiles_with_overlap_blend_smoothly(tiny):
 
 
 def test_benchmark_sampling_returns_timings(tiny):
-  result = inference.benchmark_sampling(tiny, sizes=((8, 32),), multistep_steps=2, repeats=2,
-                                        warmup=1)
+  result = inference.benchmark_sampling(tiny, sampling_config=sampling_config.get_config(),
+                                        sizes=((8, 32),), multistep_steps=2, repeats=2, warmup=1)
   assert [r["mode"] for r in result["results"]] == ["multistep"]
   for r in result["results"]:
     assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]

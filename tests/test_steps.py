@@ -24,7 +24,7 @@ def setup():
 def test_optimizer_schedule_and_decay_on_all_params():
   import ml_collections  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.5,
-                                       grad_clip_norm=1.0, warmup_steps=4))
+                                       grad_clip_norm=1.0, warmup_steps=4, decay_steps=0))
   tx, schedule = steps.make_optimizer(cfg)
   np.testing.assert_allclose([schedule(s) for s in (0, 2, 4, 100)], [0, 5e-3, 1e-2, 1e-2])
   # Zero gradients: AdamW moves every parameter (norm scales and biases too) by -lr * wd * p.

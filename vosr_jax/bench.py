@@ -105,9 +105,9 @@ _DEGRADATION_SIZE = flags.DEFINE_integer("degradation_size", 512,
                                          "Square image side of --what=degradation.", lower_bound=16)
 _SIZES = flags.DEFINE_list("sizes", ["128:512", "256:1024"],
                            "LR_SIDE:HR_SIDE pairs of --what=sampling.")
-_SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", 25,
-                                       "Euler steps of the multi-step model in --what=sampling.",
-                                       lower_bound=1)
+_SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", None,
+                                       "Euler steps of the multi-step model in --what=sampling "
+                                       "(default: config.sampling.num_steps).", lower_bound=1)
 _SAMPLING_MODELS = flags.DEFINE_list("sampling_models", list(SAMPLING_MODELS),
                                      "Which pipelines --what=sampling times.")
 _STEP = flags.DEFINE_enum("step", "train", STEPS, "The step of --what=compile and --what=memory.")
@@ -527,13 +527,13 @@ def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup, models=S
   return inference.benchmark_sampling(
       inference.random_pipeline(config) if "multistep" in models else None,
       inference.random_pipeline(config, one_step=True) if "onestep" in models else None,
-      sizes=tuple(pairs), multistep_steps=sampling_steps, cfg_scale=config.eval.cfg_scale,
+      sampling_config=config.sampling, sizes=tuple(pairs), multistep_steps=sampling_steps,
       repeats=num_steps, warmup=warmup, seed=config.seed)
 
 
 def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
         degradation_batch=8, degradation_size=512, sizes=("128:512", "256:1024"),
-        sampling_steps=25, sampling_models=SAMPLING_MODELS, step="train", depth=None,
+        sampling_steps=None, sampling_models=SAMPLING_MODELS, step="train", depth=None,
         per_device_batch=None, memory_gb=80.0, probe_batches=(2, 8)):
   """Runs benchmark `what` (one of `MODES`) on `config`; arguments as the flags of the same names.
 

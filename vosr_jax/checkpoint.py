@@ -6,7 +6,13 @@ them from official PyTorch weights; training reads frozen encoders/autoencoders 
 Orbax writes into a temporary folder and renames it when complete, so a checkpoint is never half
 written.
 
-`TrainCheckpointer` saves and restores the train state with the data-iterator state and the config.
+`TrainCheckpointer` saves and restores the train state with the data-iterator state and the config
+under `<workdir>/checkpoints` (`CHECKPOINTS`).
+
+`resolve(path)` says what a path holds (a training workdir, one converted network, or a release
+folder of converted networks); `load_network` and `load_workdir` load them, checking the network's
+constructor arguments against what the caller's config wants. Every caller (the frozen networks of
+`vosr_jax.models`, the teacher of distillation, `vosr_jax.inference`) resolves paths here.
 
 Failures of the storage layer become two errors that name the folder: `DamagedCheckpoint` (a
 committed checkpoint that cannot be read: a data file, the manifest or an item missing or
@@ -14,6 +20,7 @@ truncated) and `CheckpointNotWritten` (a save that failed, e.g. a full disk; Orb
 partial step, so the earlier steps stay intact).
 """
 import contextlib
+import dataclasses
 import json
 import logging as logging_std
 import os
@@ -24,7 +31,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 from jax.experimental import multihost_utils
+
+
+# The folder of a training workdir that holds its train-state checkpoints (one per step).
+CHECKPOINTS = "checkpoints"
+# Network kinds of parameter checkpoints (the metadata `kind`; `python -m vosr_jax.convert --kind`).
+KINDS = ("dit", "vit", "sd21", "light_decoder", "qwen2d")
 
 
 class DamagedCheckpoint(ValueError):
@@ -132,7 +146,7 @@ def load_params(path, abstract_params=None):
 
 def _existing_checkpoint(path):
   path = os.path.abspath(path)
-  if not os.path.isdir(os.path.join(path, "params")):
+  if not is_params_checkpoint(path):
     raise FileNotFoundError(
         f"No parameter checkpoint at {path} (expected a folder with 'params/' and 'metadata', as "
         "written by `python -m vosr_jax.convert`).")
@@ -170,7 +184,7 @@ class TrainCheckpointer:
     Raises:
       ValueError: when the latest checkpoint was written by a config with another architecture.
     """
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = train_directory(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.max_to_keep,
         enable_async_checkpointing=config.checkpoint.async_save, create=True)
@@ -286,26 +300,159 @@ class TrainCheckpointer:
     self.manager.close()
 
 
+# ------------------------------------------------------------------------------------------------
+# What is at a path, and loading it.
+
+def train_directory(workdir):
+  """`<workdir>/checkpoints`: the train-state checkpoints of a training workdir."""
+  return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+
+
 def is_train_workdir(path):
   """True when `path` is a training workdir (has a `checkpoints/` folder)."""
-  return os.path.isdir(os.path.join(path, "checkpoints"))
+  return bool(path) and os.path.isdir(os.path.join(path, CHECKPOINTS))
+
+
+def is_params_checkpoint(path):
+  """True when `path` is a parameter checkpoint of `save_params` (has a `params/` folder)."""
+  return bool(path) and os.path.isdir(os.path.join(path, "params"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+  """What `resolve` found at `path`.
+
+  Attributes:
+    path: the absolute path.
+    what: 'workdir' (a training workdir), 'network' (one parameter checkpoint), 'release' (a
+      folder of parameter checkpoints, one per network) or None (nothing usable).
+    networks: {kind: folder} of the parameter checkpoints ('network' and 'release').
+  """
+  path: str
+  what: str | None
+  networks: dict = dataclasses.field(default_factory=dict)
+
+
+def resolve(path):
+  """What `path` holds: see `Found`. A training workdir wins over parameter checkpoints.
+
+  Raises:
+    ValueError: a parameter checkpoint of an unknown kind, or two of one kind in a release folder.
+    DamagedCheckpoint: metadata that cannot be read.
+  """
+  path = os.path.abspath(path) if path else ""
+  if not path or not os.path.isdir(path):
+    return Found(path, None)
+  if is_train_workdir(path):
+    return Found(path, "workdir")
+  single = is_params_checkpoint(path)
+  folders = [path] if single else sorted(
+      os.path.join(path, n) for n in os.listdir(path) if is_params_checkpoint(os.path.join(path, n)))
+  found = {}
+  for folder in folders:
+    kind = load_metadata(folder).get("kind")
+    if kind not in KINDS:
+      raise ValueError(f"{folder}: unknown network kind {kind!r}; expected one of {KINDS}")
+    if kind in found:
+      raise ValueError(f"{path}: two {kind!r} checkpoints ({found[kind]} and {folder}); keep one")
+    found[kind] = folder
+  if not found:
+    return Found(path, None)
+  return Found(path, "network" if single else "release", found)
+
+
+def kwargs_differences(have, want):
+  """{name: (checkpoint value, wanted value)} of the constructor arguments in `want` that `have`
+  (a parameter checkpoint's metadata `kwargs`) lacks or sets otherwise. JSON turns tuples into
+  lists, so sequences compare as lists."""
+  def norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+  return {k: (have.get(k), v) for k, v in want.items() if norm(have.get(k, False)) != norm(v)}
+
+
+def load_network(folder, make, *, kind, label, want=None, shardings=None, target=None):
+  """Restores a converted network from the parameter checkpoint `folder`.
+
+  Args:
+    folder: a `save_params` folder.
+    make: (constructor kwargs, nnx.Rngs) -> the module.
+    kind: the metadata `kind` it must have.
+    label: how errors name the checkpoint (e.g. "config.model.path='/w/dit'" or the folder).
+    want: optional constructor arguments the checkpoint's `kwargs` must agree with (from the
+      caller's config); a difference is a ValueError listing them.
+    shardings: optional nnx.State -> pytree of shardings to restore onto.
+    target: optional pytree of `jax.ShapeDtypeStruct` to restore onto (wins over `shardings`).
+  Returns:
+    (graphdef, params as a pure dict, metadata).
+  Raises:
+    ValueError naming `label`: another kind, other kwargs, parameters that do not fit them.
+    DamagedCheckpoint: a checkpoint that cannot be read.
+  """
+  metadata = load_metadata(folder)
+  if metadata.get("kind") != kind:
+    raise ValueError(f"{label} holds a {metadata.get('kind')!r} checkpoint; {kind!r} is needed")
+  kwargs = metadata["kwargs"]
+  diffs = kwargs_differences(kwargs, want or {})
+  if diffs:
+    raise ValueError(f"{label}: the converted {kind!r} network differs from the config "
+                     f"(checkpoint, config): {diffs}")
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(kwargs, nnx.Rngs(0))))
+  if target is None:
+    target = abstract_target(abstract, shardings)
+  try:
+    params, _ = load_params(folder, target)
+  except DamagedCheckpoint:
+    raise
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{label}: the parameters do not match the {kind!r} network its metadata "
+                     f"describes: {e}") from e
+  return graphdef, params, metadata
+
+
+def abstract_target(abstract, shardings=None):
+  """The pure dict of `jax.ShapeDtypeStruct` of an abstract nnx.State, placed with `shardings`
+  (nnx.State -> pytree of shardings) or unplaced."""
+  target = abstract.to_pure_dict()
+  if shardings is not None:
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          target, shardings(abstract))
+  return target
+
+
+# Config fields added after the first training runs, with the value that reproduces how a run
+# whose saved config lacks them was trained. `latest_train_config` fills them in: the one place
+# where old saved configs are brought up to date.
+SAVED_CONFIG_FIELDS = (("model.overrides.one_step", False), ("objective.target", "latent"),
+                       ("optim.decay_steps", 0))
+
+
+def upgrade_saved_config(config):
+  """Fills the `SAVED_CONFIG_FIELDS` that a saved config (a dict, changed in place) lacks."""
+  for dotted, value in SAVED_CONFIG_FIELDS:
+    *sections, name = dotted.split(".")
+    tree = config
+    for section in sections:
+      tree = tree.setdefault(section, {})
+    tree.setdefault(name, value)
+  return config
 
 
 def latest_train_config(workdir):
-  """(step, config dict) of the latest committed checkpoint of a training workdir.
+  """(step, config dict) of the latest committed checkpoint of a training workdir; fields the
+  saved config lacks are filled in (`SAVED_CONFIG_FIELDS`).
 
   Raises:
     FileNotFoundError: when the workdir holds no committed checkpoint.
     DamagedCheckpoint: when the latest one cannot be read.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = train_directory(workdir)
   with ocp.CheckpointManager(directory) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"{directory}: no committed training checkpoint")
     with _reading(os.path.join(directory, str(step))):
       saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return step, saved.config
+  return step, upgrade_saved_config(saved.config)
 
 
 def load_train_ema(workdir, abstract_params):
@@ -315,14 +462,15 @@ def load_train_ema(workdir, abstract_params):
     workdir: a `--workdir` of `python -m vosr_jax.main`.
     abstract_params: pytree of `jax.ShapeDtypeStruct` (with shardings) of the EMA parameters.
   Returns:
-    (ema_params, step, config): the parameters, the step and the saved config (dict).
+    (ema_params, step, config): the parameters, the step and the saved config (dict, see
+    `latest_train_config`).
   Raises:
     FileNotFoundError: when the workdir holds no committed checkpoint.
     DamagedCheckpoint: when the latest one cannot be read.
   """
   step, config = latest_train_config(workdir)
   item = {"ema_params": abstract_params}
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = train_directory(workdir)
   with _reading(os.path.join(directory, str(step))), ocp.CheckpointManager(directory) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),

@@ -7,8 +7,10 @@ final `os.replace` is atomic) and take the user's umask like any other file. A p
 mid-write leaves its temporary behind; the next write of the same name in that folder removes
 the temporaries of processes that no longer run.
 """
+import contextlib
 import difflib
 import errno
+import importlib.util
 import math
 import os
 import re
@@ -17,6 +19,33 @@ import sys
 from absl import flags
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+# The config files of this checkout (configs/ next to the vosr_jax package; not installed with it).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(path, arg=None):
+  """`get_config(arg)` (or `get_config()`) of the config file `path`, loaded as a file, the way
+  `--config=FILE:ARG` of `python -m vosr_jax.main` loads it (the folder above `configs/` is on
+  the import path meanwhile, for `from configs import ...` inside the file).
+
+  Raises:
+    FileNotFoundError: no such file.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such config file (configs/ of a vosr-jax checkout)")
+  root = os.path.dirname(os.path.dirname(path))
+  with contextlib.ExitStack() as stack:
+    if root not in sys.path:
+      sys.path.insert(0, root)
+      stack.callback(sys.path.remove, root)
+    spec = importlib.util.spec_from_file_location(
+        f"_vosr_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def _alive(pid):

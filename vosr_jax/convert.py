@@ -32,7 +32,7 @@ import sys
 from vosr_jax import checkpoint
 from vosr_jax.models import dit, qwen_vae, vae, vit
 
-KINDS = ("dit", "vit", "sd21", "light_decoder", "qwen2d")
+KINDS = checkpoint.KINDS
 
 
 def _read_safetensors(path):

@@ -129,8 +129,8 @@ def _degrade_and_write(named_hrs, lr_dir, hr_dir=None):
     hr_dir: folder for the cut HR images, or None.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from configs import multistep  # pylint: disable=import-outside-toplevel
-  degradation_config = multistep.get_config("demo").degradation
+  degradation_config = cli_utils.load_config(
+      os.path.join(cli_utils.CONFIGS_DIR, "multistep.py"), "demo").degradation
   scale = degradation_config.scale
   hrs = [x[:x.shape[0] // scale * scale, :x.shape[1] // scale * scale] for _, x in named_hrs]
   lrs = degrade_lr(hrs, degradation_config, jax.random.key(SEED))

@@ -8,9 +8,10 @@
     checkpoint whose metadata `kind` is 'dit', 'vit', 'sd21' (+ optional 'light_decoder') or
     'qwen2d' (`python -m vosr_jax.convert --release`);
   * a single converted denoiser checkpoint (kind 'dit').
-`encoder=` / `autoencoder=` point at other converted folders for the frozen networks (they win over
-what the checkpoint names). Multi-step or one-step is read off the denoiser: one-step students have
-an `r_embedder`. A training workdir's `config.objective.target` tells whether the denoiser generates
+`checkpoint.resolve` tells them apart. `encoder=` / `autoencoder=` point at other converted folders
+for the frozen networks (they win over what the checkpoint names). Multi-step or one-step is the
+denoiser's `one_step` constructor argument (`dit.is_one_step`: one-step students have an
+`r_embedder`). A training workdir's `config.objective.target` tells whether the denoiser generates
 the latent (official; always so for converted checkpoints) or the scaled residual.
 """
 import dataclasses
@@ -27,14 +28,12 @@ import numpy as np
 from flax import nnx
 
 from vosr_jax import checkpoint, models, objectives, sampling
-from vosr_jax.models import dit, qwen_vae, vae, vit
+from vosr_jax.models import qwen_vae, vae, vit
 
 # Official VOSR tap layers by DINOv2 width (VOSR_SPEC.md §2), for converted encoders whose
 # metadata does not name one.
 OFFICIAL_TAP_LAYERS = {768: 8, 1024: 17}
 OFFICIAL_ENCODER_SIZE = 448
-
-_KINDS = ("dit", "vit", "sd21", "light_decoder", "qwen2d")  # = vosr_jax.convert.KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,37 +69,15 @@ def _no_model(path):
       "metadata), or one converted denoiser checkpoint.")
 
 
-def _is_params(path):
-  return os.path.isdir(os.path.join(path, "params"))
-
-
 def _converted(path):
   """{kind: folder} of the converted checkpoints at `path` (itself one, or its sub-folders)."""
-  folders = [path] if _is_params(path) else sorted(
-      os.path.join(path, n) for n in os.listdir(path) if _is_params(os.path.join(path, n)))
-  found = {}
-  for folder in folders:
-    kind = checkpoint.load_metadata(folder).get("kind")
-    if kind not in _KINDS:
-      raise ValueError(f"{folder}: unknown network kind {kind!r}; expected one of {_KINDS}")
-    if kind in found:
-      raise ValueError(f"{path}: two {kind!r} checkpoints ({found[kind]} and {folder}); keep one")
-    found[kind] = folder
-  return found
+  return checkpoint.resolve(path).networks
 
 
 def _load(folder, make):
-  """(graphdef, params) of `make(kwargs, rngs)` restored from the converted `folder`."""
-  metadata = checkpoint.load_metadata(folder)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(metadata["kwargs"], nnx.Rngs(0))))
-  try:
-    params, _ = checkpoint.load_params(folder, abstract.to_pure_dict())
-  except checkpoint.DamagedCheckpoint:
-    raise
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"{folder}: the parameters do not match the {metadata['kind']!r} network its "
-                     f"metadata describes: {e}") from e
-  return graphdef, params, metadata
+  """(graphdef, params, metadata) of `make(kwargs, rngs)` restored from the converted `folder`."""
+  return checkpoint.load_network(folder, make, kind=checkpoint.load_metadata(folder)["kind"],
+                                 label=folder)
 
 
 def _pick(found, kinds, what, path, flag):
@@ -142,22 +119,6 @@ def _converted_autoencoder(found, path):
   return graphdef, params
 
 
-def _workdir_denoiser(workdir, dtype):
-  """(graphdef, EMA params, config, description) of the latest step of a training workdir."""
-  try:
-    _, config = checkpoint.latest_train_config(workdir)
-  except FileNotFoundError:
-    raise _no_model(workdir) from None
-  config = ml_collections.ConfigDict(config)
-  graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: models.build_denoiser(config.model, nnx.Rngs(0), dtype)), nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        abstract.to_pure_dict())
-  ema_params, step, _ = checkpoint.load_train_ema(workdir, target)
-  return graphdef, ema_params, config, f"{workdir} (step {step}, EMA)"
-
-
 def load_pipeline(path, *, encoder=None, autoencoder=None, dtype="float32"):
   """Builds the sampling pipeline of a training workdir or converted checkpoint folder.
 
@@ -176,9 +137,14 @@ def load_pipeline(path, *, encoder=None, autoencoder=None, dtype="float32"):
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such checkpoint folder")
   compute = models.compute_dtype(dtype)
-  found, scale = {}, None
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    den_graph, den_params, config, source = _workdir_denoiser(path, compute)
+  found, scale = checkpoint.resolve(path), None
+  missing = FileNotFoundError(
+      f"{path}: no converted denoiser (dit) there; pass a release folder as --checkpoint with a "
+      "folder `python -m vosr_jax.convert` wrote.") if found.networks else _no_model(path)
+  denoiser = models.load_denoiser(path, label=path, missing=missing, dtype=compute)
+  den_graph, den_params, source = denoiser.graphdef, denoiser.params, denoiser.source
+  if found.what == "workdir":
+    config = denoiser.config
     scale = objectives.residual_scale(config.objective)
     tap, size = config.encoder.tap_layer, config.encoder.image_size
     if encoder is None:
@@ -186,13 +152,7 @@ def load_pipeline(path, *, encoder=None, autoencoder=None, dtype="float32"):
     if autoencoder is None:
       ae_graph, ae_params = models.build_autoencoder(config.autoencoder)
   else:
-    found = _converted(path)
-    if not found:
-      raise _no_model(path)
-    folder = _pick(found, ("dit",), "denoiser", path, "a release folder as --checkpoint")
-    den_graph, den_params, _ = _load(
-        folder, lambda kw, rngs: dit.LightningDiT(**kw, dtype=compute, rngs=rngs))
-    source = folder
+    found = found.networks
     if encoder is None:
       enc_graph, enc_params, tap, size = _converted_encoder(found, path, compute)
     if autoencoder is None:
@@ -201,15 +161,15 @@ def load_pipeline(path, *, encoder=None, autoencoder=None, dtype="float32"):
     enc_graph, enc_params, tap, size = _converted_encoder(_converted(encoder), encoder, compute)
   if autoencoder is not None:
     ae_graph, ae_params = _converted_autoencoder(_converted(autoencoder), autoencoder)
-  denoiser = nnx.merge(den_graph, den_params)
+  module = nnx.merge(den_graph, den_params)
   ae = nnx.merge(ae_graph, ae_params)
-  if ae.latent_channels != denoiser.latent_channels:
-    raise ValueError(f"{path}: the denoiser takes {denoiser.latent_channels}-channel latents but "
+  if ae.latent_channels != module.latent_channels:
+    raise ValueError(f"{path}: the denoiser takes {module.latent_channels}-channel latents but "
                      f"the autoencoder makes {ae.latent_channels}; pass the matching --autoencoder")
   networks = sampling.Networks(
       denoiser=den_graph, encoder=enc_graph, autoencoder=ae_graph, tap_layer=int(tap),
-      encoder_size=int(size), downsample=ae.downsample, patch_size=denoiser.patch_size,
-      one_step=denoiser.r_embedder is not None, residual_scale=scale)
+      encoder_size=int(size), downsample=ae.downsample, patch_size=module.patch_size,
+      one_step=denoiser.one_step, residual_scale=scale)
   params = {"denoiser": den_params, "encoder": enc_params, "autoencoder": ae_params}
   return Pipeline(networks, params, source)
 
@@ -237,29 +197,32 @@ def random_pipeline(config, *, one_step=False):
   return Pipeline(networks, params, "random")
 
 
-def benchmark_sampling(multistep=None, onestep=None, *, sizes=((128, 512), (256, 1024)),
-                       multistep_steps=25, cfg_scale=0.5, batch_size=1, repeats=5, warmup=1,
-                       tile_size=0, seed=0):
+def benchmark_sampling(multistep=None, onestep=None, *, sampling_config,
+                       sizes=((128, 512), (256, 1024)), multistep_steps=None, batch_size=1,
+                       repeats=5, warmup=1, tile_size=None, seed=0):
   """Times `sampling.super_resolve` end to end (encoder, VAE encode, denoiser steps, decode,
   colour fix) on random inputs.
 
   Args:
-    multistep, onestep: `Pipeline`s (either may be None); the one-step pipeline runs 1 step.
+    multistep, onestep: `Pipeline`s (either may be None).
+    sampling_config: the sampling settings (configs/sampling.py; `config.sampling`).
     sizes: (LR side, output side) pairs; the input is the upscaled LR at the output side.
-    multistep_steps, cfg_scale: multi-step settings.
+    multistep_steps: Euler steps of the multi-step pipeline (None: the config's `num_steps`).
     batch_size: images per call.
     repeats, warmup: timed calls after `warmup` untimed ones (the first compiles).
-    tile_size: denoiser tiles in pixels (0: whole image).
+    tile_size: denoiser tiles in pixels (None: the config's; 0: whole image).
     seed: of the random inputs.
   Returns:
     JSON-able dict: {'device': ..., 'results': [{'mode', 'steps', 'lr_size', 'hr_size',
     'batch_size', 'compile_s', 'median_s', 'min_s', 'max_s', 'images_per_s'}, ...]}.
   """
   results = []
-  for mode, pipe, steps in (("multistep", multistep, multistep_steps), ("onestep", onestep, 1)):
+  for mode, pipe, steps in (("multistep", multistep, multistep_steps), ("onestep", onestep, None)):
     if pipe is None:
       continue
-    settings = sampling.Settings(num_steps=steps, cfg_scale=cfg_scale, tile_size=tile_size)
+    settings = sampling.Settings.from_config(sampling_config, pipe.networks.one_step,
+                                             num_steps=steps, tile_size=tile_size)
+    steps = settings.num_steps
     fn = pipe.jit(settings)
     for lr_side, hr_side in sizes:
       images = jax.random.uniform(jax.random.key(seed), (batch_size, hr_side, hr_side, 3),

@@ -56,13 +56,13 @@ def residual_scale(config):
 
   Args:
     config: the objective config (`target`, `residual_scale`, `residual_window`,
-      `residual_floor`); a config without `target` (saved before the field existed) is the
-      official 'latent'.
+      `residual_floor`); a saved config without `target` (written before the field existed)
+      gets 'latent' when it is read (`checkpoint.SAVED_CONFIG_FIELDS`).
   Raises:
     ValueError naming the field: an unknown target, a non-positive scale, an even or negative
     window, or a non-positive floor with a window.
   """
-  target = config.get("target", "latent")
+  target = config.target
   if target not in TARGETS:
     raise ValueError(f"config.objective.target={target!r} must be one of {TARGETS}")
   if target == "latent":

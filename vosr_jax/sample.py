@@ -2,7 +2,10 @@ r"""Super-resolves images with a trained or converted VOSR model.
 
   python -m vosr_jax.sample --checkpoint=/weights/vosr_0.5b_ms --input=lr/ --output=sr/
   python -m vosr_jax.sample --checkpoint=/ckpt/run1 --input=photo.jpg --output=sr/ \
-      --tile-size=512 --cfg-scale=-0.5
+      --preset=realsr --tile-size=512
+
+The sampling settings are a preset of configs/sampling.py (`--preset`, default 'default'); the
+flags below override its fields.
 
 Each input gives `<output>/<input stem>.png` (8-bit, rounded; RGBA when the input has alpha).
 Per-image noise comes from `--seed` and the file name, so a result does not depend on the other
@@ -27,7 +30,11 @@ from vosr_jax import cli_utils, color_fix, inference, sampling
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg")}
-MULTISTEP_STEPS, ONESTEP_STEPS = 25, 1
+SAMPLING_CONFIG = os.path.join(cli_utils.CONFIGS_DIR, "sampling.py")
+# Flags that override the field of the same name of the sampling config (`--steps`: num_steps or
+# onestep_num_steps, once the model is known).
+CONFIG_FLAGS = ("cfg_scale", "weak_strength", "noise_scale", "tile_size", "tile_overlap",
+                "vae_tile_size", "vae_tile_overlap", "color_fix", "seed")
 # Denoiser tokens of a 2048x2048 output of the released models (8x autoencoder, 2x2 patches):
 # what the attention of one call may hold by default.
 MAX_TOKENS = (2048 // 16) ** 2
@@ -49,33 +56,44 @@ def parse_args(argv):
   p.add_argument("--input", required=True, help="an image or a folder of images")
   p.add_argument("--output", required=True, help="output folder (created if needed)")
   p.add_argument("--upscale", type=int, default=4, help="scale factor (default 4)")
-  p.add_argument("--steps", type=int, help=f"Euler steps (default {MULTISTEP_STEPS} multi-step, "
-                 f"{ONESTEP_STEPS} one-step)")
-  p.add_argument("--cfg-scale", type=float, default=0.5,
-                 help="restoration guidance scale, multi-step only (default 0.5; paper presets: "
-                 "-0.5 RealSR, 0.5 ScreenSR)")
-  p.add_argument("--weak-strength", type=float, default=0.15,
-                 help="w of the weak anchor w * LR latent, multi-step only (default 0.15)")
-  p.add_argument("--noise-scale", type=float, default=1.0,
-                 help="scale of the starting noise (default 1, as trained; below 1 trades sampled "
-                 "detail for fidelity, 0 is deterministic)")
-  p.add_argument("--tile-size", type=int, default=0,
+  p.add_argument("--preset", default="default",
+                 help="sampling preset of --config: default, screensr, realsr or demo")
+  p.add_argument("--config", default=SAMPLING_CONFIG,
+                 help="the sampling config file (default: configs/sampling.py of this checkout)")
+  p.add_argument("--steps", type=int, help="Euler steps (preset: num_steps multi-step, "
+                 "onestep_num_steps one-step)")
+  p.add_argument("--cfg-scale", type=float,
+                 help="restoration guidance scale, multi-step only (paper settings: --preset=realsr, "
+                 "--preset=screensr)")
+  p.add_argument("--weak-strength", type=float,
+                 help="w of the weak anchor w * LR latent, multi-step only")
+  p.add_argument("--noise-scale", type=float,
+                 help="scale of the starting noise (1: as trained; below 1 trades sampled detail "
+                 "for fidelity, 0 is deterministic)")
+  p.add_argument("--tile-size", type=int,
                  help="denoiser tile side in output pixels (0: whole image; 512 recommended)")
-  p.add_argument("--tile-overlap", type=int, default=64,
+  p.add_argument("--tile-overlap", type=int,
                  help="tile overlap in output pixels (at least tile/8 is used)")
-  p.add_argument("--vae-tile-size", type=int, default=1024,
+  p.add_argument("--vae-tile-size", type=int,
                  help="autoencoder tile side in pixels for larger images (0: never tile)")
-  p.add_argument("--vae-tile-overlap", type=int, default=64, help="autoencoder tile overlap")
+  p.add_argument("--vae-tile-overlap", type=int, help="autoencoder tile overlap")
   p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
                  help="most denoiser tokens (attention length) in one call: an untiled image or "
                  f"one tile (default {MAX_TOKENS}: a 2048x2048 output of the released models)")
-  p.add_argument("--color-fix", choices=color_fix.METHODS, default="adain")
-  p.add_argument("--seed", type=int, default=42)
+  p.add_argument("--color-fix", choices=color_fix.METHODS)
+  p.add_argument("--seed", type=int, help="of the per-image keys")
   p.add_argument("--batch-size", type=int, default=1, help="images of the same size per call")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--format", choices=sorted(FORMATS), default="png")
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   args = p.parse_args(argv)
+  try:
+    args.sampling = cli_utils.load_config(args.config, args.preset)
+  except (OSError, ValueError) as e:
+    p.error(f"--config={args.config} --preset={args.preset}: {e}")
+  for name in CONFIG_FLAGS:
+    if getattr(args, name) is None:
+      setattr(args, name, args.sampling[name])
   errors = flag_errors(args)
   if errors:
     p.error("; ".join(errors))
@@ -295,12 +313,9 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     return 2
   one_step = pipeline.networks.one_step
-  settings = sampling.Settings(
-      num_steps=args.steps or (ONESTEP_STEPS if one_step else MULTISTEP_STEPS),
-      cfg_scale=args.cfg_scale, weak_strength=args.weak_strength, tile_size=args.tile_size,
-      tile_overlap=args.tile_overlap, vae_tile_size=args.vae_tile_size,
-      vae_tile_overlap=args.vae_tile_overlap, color_fix=args.color_fix,
-      noise_scale=args.noise_scale)
+  settings = sampling.Settings.from_config(
+      args.sampling, one_step, num_steps=args.steps,
+      **{name: getattr(args, name) for name in CONFIG_FLAGS if name != "seed"})
   print(f"{pipeline.source}: {'one-step' if one_step else 'multi-step'} model, {settings}",
         file=sys.stderr)
   sampler = Sampler(pipeline, settings, args)

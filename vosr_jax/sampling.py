@@ -122,8 +122,8 @@ def _integrate(field, noise, num_steps, with_r):
       noise.astype(jnp.float32))
 
 
-def sample_multistep(apply_fn, lr_latent, tokens, noise, *, num_steps=25, cfg_scale=0.5,
-                     weak_strength=0.15, tiles=None, residual_scale=None):
+def sample_multistep(apply_fn, lr_latent, tokens, noise, *, num_steps, cfg_scale, weak_strength,
+                     tiles=None, residual_scale=None):
   """Guided Euler from t = 1 (noise) to 0 (spec §6.3): 2N denoiser evaluations per image (N with
   cfg_scale 1).
 
@@ -146,7 +146,7 @@ def sample_multistep(apply_fn, lr_latent, tokens, noise, *, num_steps=25, cfg_sc
   return _integrate(field, noise, num_steps, with_r=False)
 
 
-def sample_onestep(apply_fn, lr_latent, tokens, noise, *, num_steps=1, tiles=None,
+def sample_onestep(apply_fn, lr_latent, tokens, noise, *, num_steps, tiles=None,
                    residual_scale=None):
   """One-step student sampling (spec §6.4): z <- z - (t_k - t_{k+1}) u(z, t_k, r = t_{k+1}).
 
@@ -365,7 +365,8 @@ class Networks:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Static sampling settings (hashable: a change recompiles).
+  """Static sampling settings (hashable: a change recompiles); `from_config` makes them from a
+  sampling config section (configs/sampling.py), the only source of their defaults.
 
   Attributes:
     num_steps: Euler steps.
@@ -378,14 +379,30 @@ class Settings:
       fidelity (0: deterministic, close to the posterior mean when few steps are taken).
   """
   num_steps: int
-  cfg_scale: float = 0.5
-  weak_strength: float = 0.15
-  tile_size: int = 0
-  tile_overlap: int = 64
-  vae_tile_size: int = 1024
-  vae_tile_overlap: int = 64
-  color_fix: str = "adain"
-  noise_scale: float = 1.0
+  cfg_scale: float
+  weak_strength: float
+  tile_size: int
+  tile_overlap: int
+  vae_tile_size: int
+  vae_tile_overlap: int
+  color_fix: str
+  noise_scale: float
+
+  @classmethod
+  def from_config(cls, config, one_step, **overrides):
+    """The settings of a sampling config section for a one-step or a multi-step model.
+
+    Args:
+      config: a configs/sampling.py ConfigDict (`num_steps` for multi-step models,
+        `onestep_num_steps` for one-step students, and the other fields by name).
+      one_step: whether the model is a one-step student (`dit.is_one_step`).
+      **overrides: fields that win over the config (e.g. command-line flags); None values are
+        ignored.
+    """
+    values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name != "num_steps"}
+    values["num_steps"] = config.onestep_num_steps if one_step else config.num_steps
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
 
 
 def image_key(seed, name):

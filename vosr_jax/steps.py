@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vosr_jax import objectives, sampling, sharding
+from vosr_jax import objectives, sharding
 from vosr_jax.data import degradation
 from vosr_jax.models import vit as vit_lib
 
@@ -70,7 +70,7 @@ def make_optimizer(optim_config):
   Returns:
     (tx, schedule): the optax transformation and the step -> learning-rate function.
   """
-  decay_steps = optim_config.get("decay_steps", 0)
+  decay_steps = optim_config.decay_steps
   if decay_steps and optim_config.warmup_steps:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, optim_config.lr, optim_config.warmup_steps, optim_config.warmup_steps + decay_steps)
@@ -274,34 +274,6 @@ def distill_step(state, teacher_params, frozen, batch, *, graphs, config, tx, sc
                tx=tx, schedule=schedule)
 
 
-def sample_step(ema_params, frozen, lq, key, *, graphs, config):
-  """Super-resolves `lq` (B, H, W, 3) in [-1, 1] with the EMA denoiser -> images in [-1, 1].
-
-  Multistep models sample with `sampling.sample_multistep` (`config.eval.num_steps` guided Euler
-  steps); one-step students (`config.kind == 'onestep'`) with `sampling.sample_onestep`
-  (`config.eval.num_steps` jumps of the average velocity, 1: t = 1 -> r = 0).
-  """
-  k_posterior, k_noise = jax.random.split(key)
-  latents = encode_images(graphs, frozen, k_posterior, lq, None, config)
-  lr = latents["lr_latent"]
-  scale = objectives.residual_scale(config.objective)
-  noise = objectives.from_flow(jax.random.normal(k_noise, lr.shape, jnp.float32), lr, scale)
-  model = nnx.merge(graphs.denoiser, ema_params, copy=True)
-
-  def apply_fn(z, lr, t, tokens, r):
-    return model(z_t=z, lr_latent=lr, t=t, tokens=tokens, r=r)
-
-  if config.kind == "onestep":
-    z = sampling.sample_onestep(apply_fn, lr, latents["tokens"], noise,
-                                num_steps=config.eval.num_steps, residual_scale=scale)
-  else:
-    z = sampling.sample_multistep(apply_fn, lr, latents["tokens"], noise,
-                                  num_steps=config.eval.num_steps, cfg_scale=config.eval.cfg_scale,
-                                  weak_strength=config.eval.weak_strength, residual_scale=scale)
-  autoencoder = nnx.merge(graphs.autoencoder, frozen["autoencoder"])
-  return autoencoder.decode(z)
-
-
 def state_shardings(abstract_state, param_shardings, mesh, tx):
   """Shardings of a `TrainState`: params and EMA as `param_shardings`, optimizer moments likewise,
   scalars (step, counts) and the key replicated."""
@@ -395,11 +367,3 @@ def jit_distill_step(config, graphs, tx, schedule, state_sh, teacher_sh, frozen_
   return _jit_step(distill_step,
                    (state_sh, teacher_sh, frozen_sh, sharding.batch_sharding(mesh)), config,
                    graphs, tx, schedule, state_sh, mesh)
-
-
-def jit_sample_step(config, graphs, param_sh, frozen_sh, mesh):
-  """`sample_step` jitted: f(ema_params, frozen, lq, key) -> images (B, H, W, 3) in [-1, 1]."""
-  fn = functools.partial(sample_step, graphs=graphs, config=config)
-  # The validation set is small and need not divide over the mesh: keep it replicated.
-  rep = sharding.replicated(mesh)
-  return jax.jit(fn, in_shardings=(param_sh, frozen_sh, rep, rep), out_shardings=rep)

@@ -9,14 +9,13 @@ once and passed to every step). Order of work:
      the data iterator;
   3. restore of the latest checkpoint (state and iterator) if there is one;
   4. the step, compiled ahead of time (compile time logged apart from throughput);
-  5. the loop: steps, metrics every `log_every_steps`, validation samples every
-     `eval.every_steps` (and before the first step of a fresh run: the baseline of a fine-tuned
+  5. the loop: steps, metrics every `log_every_steps`, validation samples (the sampler of
+     `python -m vosr_jax.sample` with `config.sampling`) every `eval.every_steps` (and before the first step of a fresh run: the baseline of a fine-tuned
      or distilled model), checkpoints every `checkpoint.every_steps` and at the end.
 A non-finite loss stops the run with the step number before anything is saved. SIGTERM
 (preemption) saves a checkpoint of the current step and returns normally (exit status 0).
 """
 import functools
-import json
 import os
 import signal
 import tempfile
@@ -31,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vosr_jax import checkpoint, cli_utils, logging_utils, metrics, models, objectives
-from vosr_jax import sharding, steps
+from vosr_jax import sampling, sharding, steps
 from vosr_jax.data import pipeline
 from vosr_jax.models import dit
 
@@ -67,8 +66,10 @@ RANGES = (
     ("total_steps", 1, None), ("batch_size", 1, None), ("ema_decay", 0.0, 1.0),
     ("log_every_steps", 1, None), ("checkpoint.every_steps", 1, None),
     ("checkpoint.max_to_keep", 1, None), ("eval.every_steps", 0, None),
-    ("eval.num_images", 1, None), ("eval.num_steps", 1, None), ("eval.crop_border", 0, None),
-    ("eval.weak_strength", 0.0, None), ("eval.cfg_scale", None, None),
+    ("eval.num_images", 1, None), ("eval.crop_border", 0, None),
+    ("sampling.num_steps", 1, None), ("sampling.onestep_num_steps", 1, None),
+    ("sampling.weak_strength", 0.0, None), ("sampling.cfg_scale", None, None),
+    ("sampling.noise_scale", 0.0, None),
     ("optim.lr", 0.0, None), ("optim.b1", 0.0, 1.0), ("optim.b2", 0.0, 1.0),
     ("optim.eps", 0.0, None), ("optim.weight_decay", 0.0, None),
     ("optim.grad_clip_norm", 0.0, None), ("optim.warmup_steps", 0, None),
@@ -110,7 +111,7 @@ def check_config(config):
     raise ValueError("config.data.sources is not set: pass --config.data.sources=LIST_OR_FOLDER")
   if config.kind not in KINDS:
     raise ValueError(f"config.kind={config.kind!r} must be one of {KINDS}")
-  one_step = "one_step" in config.model.overrides and config.model.overrides.one_step
+  one_step = dit.is_one_step(models.denoiser_kwargs(config.model))
   if one_step != (config.kind == "onestep"):
     raise ValueError(f"config.model.overrides.one_step={one_step} does not fit config.kind="
                      f"{config.kind!r}: only one-step students have the r embedder")
@@ -154,7 +155,8 @@ def _to_uint8(images):
 
 class Validator:
   """A fixed validation set (first crops of the data sources with `config.eval.seed`, degraded
-  with that seed) super-resolved with the EMA model; writes LR | SR | HR rows and PSNR/SSIM."""
+  with that seed) super-resolved with the EMA model by the sampler of `python -m vosr_jax.sample`
+  (`sampling.super_resolve` with `config.sampling`); writes LR | SR | HR rows and PSNR/SSIM."""
 
   def __init__(self, config, graphs, param_sh, frozen_sh, mesh):
     self.config = config
@@ -166,11 +168,41 @@ class Validator:
     rep = sharding.replicated(mesh)
     degrade = jax.jit(functools.partial(steps.degrade_batch, degradation_config=config.degradation),
                       out_shardings=rep)
-    self.key = jax.random.PRNGKey(config.eval.seed)
-    lq, _ = degrade(self.key, jax.make_array_from_process_local_data(rep, hq))
+    key = jax.random.PRNGKey(config.eval.seed)
+    lq, _ = degrade(key, jax.make_array_from_process_local_data(rep, hq))
     self.lq, self.hq = lq, np.asarray(hq)
     self.lq_uint8 = _to_uint8(_host(lq))
-    self.sample = steps.jit_sample_step(config, graphs, param_sh, frozen_sh, mesh)
+    # One key per image, as the sampler draws them (`sampling.prepare`).
+    self.keys = jax.device_put(jax.random.split(jax.random.key(config.eval.seed), len(self.hq)),
+                               rep)
+    kwargs = models.denoiser_kwargs(config.model)
+    self.one_step = dit.is_one_step(kwargs)
+    self.settings = sampling.Settings.from_config(config.sampling, self.one_step)
+    self._graphs, self._patch_size = graphs, kwargs["patch_size"]
+    self._shardings, self._fn = (param_sh, frozen_sh, rep, rep), None
+
+  def networks(self, frozen):
+    """The `sampling.Networks` of the trained denoiser with the frozen networks `frozen`."""
+    config, graphs = self.config, self._graphs
+    return sampling.Networks(
+        denoiser=graphs.denoiser, encoder=graphs.encoder, autoencoder=graphs.autoencoder,
+        tap_layer=config.encoder.tap_layer, encoder_size=config.encoder.image_size,
+        downsample=nnx.merge(graphs.autoencoder, frozen["autoencoder"]).downsample,
+        patch_size=self._patch_size, one_step=self.one_step,
+        residual_scale=objectives.residual_scale(config.objective))
+
+  def sample(self, ema_params, frozen, lq, keys):
+    """Super-resolves `lq` (B, H, W, 3) in [-1, 1] (the LR at the output size) -> uint8."""
+    if self._fn is None:
+      networks, settings = self.networks(frozen), self.settings
+
+      def fn(params, frozen, images, keys):
+        return sampling.super_resolve(networks, {"denoiser": params, **frozen}, images, keys,
+                                      settings)
+
+      # The validation set is small and need not divide over the mesh: keep it replicated.
+      self._fn = jax.jit(fn, in_shardings=self._shardings, out_shardings=self._shardings[2])
+    return self._fn(ema_params, frozen, lq, keys)
 
   def __call__(self, step, ema_params, frozen, writer):
     """Samples, then logs `eval/psnr`, `eval/ssim` (Y channel) and the comparison image.
@@ -178,8 +210,7 @@ class Validator:
     Returns:
       {'eval/psnr': mean PSNR (dB), 'eval/ssim': mean SSIM} against the HR crops.
     """
-    sr = self.sample(ema_params, frozen, self.lq, self.key)
-    sr = _to_uint8(_host(sr))
+    sr = _host(self.sample(ema_params, frozen, self.lq, self.keys))
     border = self.config.eval.crop_border
     psnrs = [metrics.psnr(s, h, border, y_channel=True) for s, h in zip(sr, self.hq)]
     ssims = [metrics.ssim(s, h, border, y_channel=True) for s, h in zip(sr, self.hq)]
@@ -209,19 +240,12 @@ def teacher_model_config(model_config):
   return out
 
 
-def _architecture(model_json):
-  """(variant, overrides with one_step spelled out) of a `config.model` as JSON (a dict)."""
-  overrides = dict(model_json["overrides"])
-  overrides["one_step"] = overrides.get("one_step", False)
-  return model_json["variant"], overrides
-
-
 def load_multistep_ema(config, abstract, mesh):
   """Loads the multistep denoiser of `config.model.path` onto the parameter shardings of `mesh`.
 
-  `config.model.path` is a training workdir (the EMA of its latest checkpoint, which must come from
-  a multistep config with the same `model.variant`/`model.overrides`) or a converted checkpoint
-  of kind 'dit' without `r_embedder` whose constructor arguments agree with `config.model`.
+  `config.model.path` is a training workdir (the EMA of its latest checkpoint) or a converted
+  checkpoint of kind 'dit' (`checkpoint.resolve`), whose constructor arguments must be those of
+  `config.model` as a multistep model (one_step=False).
 
   Args:
     config: the run config.
@@ -235,44 +259,17 @@ def load_multistep_ema(config, abstract, mesh):
   param_sh = sharding.param_shardings(abstract, mesh, config.sharding_rules)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         abstract.to_pure_dict(), param_sh)
-  path = os.path.abspath(config.model.path) if config.model.path else ""
   key = f"config.model.path={config.model.path!r}"
   want = teacher_model_config(config.model)
-  want_arch = _architecture(json.loads(want.to_json_best_effort()))
-  if path and checkpoint.is_train_workdir(path):
-    try:
-      params, step, saved = checkpoint.load_train_ema(path, target)
-    except checkpoint.DamagedCheckpoint:
-      raise
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"{key}: the latest checkpoint does not match config.model: {e}") from e
-    if saved["kind"] != "multistep" or _architecture(saved["model"]) != want_arch:
-      raise ValueError(
-          f"{key}: the workdir was trained with config.kind={saved['kind']!r}, config.model."
-          f"variant/overrides {_architecture(saved['model'])}; a multistep {want_arch} is needed")
-    logging.info("Multistep denoiser: EMA of step %d of %s.", step, path)
-    return params
-  if not path or not os.path.isdir(os.path.join(path, "params")):
-    raise FileNotFoundError(
-        f"{key}: neither a training workdir (with checkpoints/) nor a converted denoiser "
-        "checkpoint. Train one with configs/multistep.py or convert the official weights with "
-        "`python -m vosr_jax.convert --kind=dit`.")
-  metadata = checkpoint.load_metadata(path)
-  kwargs = dit.variant_kwargs(want.variant, **want.overrides.to_dict())
-  if metadata.get("kind") != "dit":
-    raise ValueError(f"{key} holds a {metadata.get('kind')!r} checkpoint, not a denoiser ('dit')")
-  diffs = {k: (metadata["kwargs"].get(k), v) for k, v in kwargs.items()
-           if metadata["kwargs"].get(k, False) != v}
-  if diffs:
-    raise ValueError(f"{key}: the converted denoiser differs from config.model (checkpoint, "
-                     f"config): {diffs}; a multistep model (one_step=False) of the same size is "
-                     "needed")
-  try:
-    return checkpoint.load_params(path, target)[0]
-  except checkpoint.DamagedCheckpoint:
-    raise
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"{key}: the checkpoint does not match config.model: {e}") from e
+  missing = FileNotFoundError(
+      f"{key}: neither a training workdir (with checkpoints/) nor a converted denoiser "
+      "checkpoint. Train one with configs/multistep.py or convert the official weights with "
+      "`python -m vosr_jax.convert --kind=dit`.")
+  denoiser = models.load_denoiser(
+      config.model.path, label=key, missing=missing, dtype=models.compute_dtype(config.dtype),
+      model_config=want, want=models.denoiser_kwargs(want), target=target)
+  logging.info("Multistep denoiser: %s.", denoiser.source)
+  return denoiser.params
 
 
 def run(config, workdir):

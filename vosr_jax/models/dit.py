@@ -64,6 +64,12 @@ def variant_kwargs(variant, **overrides):
   return {**VARIANTS[key], **overrides}
 
 
+def is_one_step(kwargs):
+  """Whether constructor arguments `kwargs` make a one-step student (with `r_embedder`): the one
+  signal that decides one-step versus multi-step everywhere (training, teacher, sampling)."""
+  return bool(kwargs.get("one_step", False))
+
+
 class DiTBlock(nnx.Module):
   """AdaLN-single block: gated self-attention, ungated un-normed cross-attention, gated SwiGLU."""
 
