@@ -9,7 +9,7 @@ from vosr_jax import objectives
 
 
 def _config(**kw):
-  base = dict(time_dist="uniform", time_mu=0.0, time_sigma=1.0, cond_strength_mu=5.0,
+  base = dict(target="latent", time_dist="uniform", time_mu=0.0, time_sigma=1.0, cond_strength_mu=5.0,
               cond_strength_sigma=1.0, cfg_ratio=0.1, weak_strength_range=(0.05, 0.25),
               weak_strength_per_sample=False)
   base.update(kw)
@@ -100,7 +100,8 @@ def test_velocity_loss_is_plain_mse():
 
 
 def _loss_config(**kw):
-  return ml_collections.ConfigDict(dict(dict(loss_space="velocity", loss_scale_power=0.0), **kw))
+  return ml_collections.ConfigDict(dict(dict(target="latent", loss_space="velocity",
+                                             loss_scale_power=0.0), **kw))
 
 
 def test_x_loss_space_is_the_clean_sample_mse():
