@@ -4,6 +4,7 @@ Builders from config sections (configs/common.py):
   build_denoiser(config.model, rngs, dtype)        -> LightningDiT (trained; random init)
   build_encoder(config.encoder, dtype, shardings)  -> (graphdef, params) of the frozen ViT
   build_autoencoder(config.autoencoder, shardings) -> (graphdef, params) of the frozen autoencoder
+(`abstract=True`: params as ShapeDtypeStructs, nothing loaded or initialised).
 
 Frozen networks load converted weights (`vosr_jax.checkpoint.save_params`; metadata
 {'kind': ..., 'kwargs': constructor arguments}) from `config.<section>.path`. Only
@@ -37,7 +38,7 @@ def build_denoiser(model_config, rngs, dtype):
 
 
 def _encoder_module(encoder_config, dtype, kwargs, rngs):
-  return vit.ViT(**kwargs, scan_blocks=encoder_config.scan, attention_impl=encoder_config.attention,
+  return vit.ViT(**kwargs, scan=encoder_config.scan, attention=encoder_config.attention,
                  dtype=dtype, rngs=rngs)
 
 
@@ -51,13 +52,15 @@ def _autoencoder_module(kind, kwargs, rngs):
   raise ValueError(f"config.autoencoder.kind={kind!r} must be 'pixel', 'sd21' or 'qwen2d'")
 
 
-def build_encoder(encoder_config, dtype, shardings=None):
+def build_encoder(encoder_config, dtype, shardings=None, *, abstract=False):
   """The frozen ViT encoder of `config.encoder`.
 
   Args:
     encoder_config: `config.encoder` (`variant`, `init`, `path`, `scan`, `attention`, `seed`).
     dtype: compute dtype.
     shardings: optional nnx.State -> pytree of shardings (see `sharding.param_shardings`).
+    abstract: params as ShapeDtypeStructs with `shardings`: nothing is loaded or initialised (a
+      converted checkpoint's metadata is still read for the constructor arguments).
   Returns:
     (graphdef, params) with params a nested dict of arrays placed with `shardings`.
   """
@@ -65,15 +68,16 @@ def build_encoder(encoder_config, dtype, shardings=None):
     return _encoder_module(encoder_config, dtype, kwargs, rngs)
 
   return _frozen("encoder", encoder_config, "vit", dict(vit.VARIANTS[encoder_config.variant]),
-                 make, shardings)
+                 make, shardings, abstract)
 
 
-def build_autoencoder(autoencoder_config, shardings=None):
+def build_autoencoder(autoencoder_config, shardings=None, *, abstract=False):
   """The frozen autoencoder of `config.autoencoder` (kind 'pixel', 'sd21' or 'qwen2d').
 
   Args:
     autoencoder_config: `config.autoencoder` (`kind`, `variant`, `init`, `path`, `seed`).
     shardings: optional nnx.State -> pytree of shardings.
+    abstract: as in `build_encoder`.
   Returns:
     (graphdef, params); the module has `encode(images, key)` and `decode(latents)`.
   """
@@ -87,11 +91,13 @@ def build_autoencoder(autoencoder_config, shardings=None):
                      f"{sorted(variants)} (kind {kind!r})")
   return _frozen("autoencoder", autoencoder_config, kind,
                  dict(variants[autoencoder_config.variant]),
-                 lambda kwargs, rngs: _autoencoder_module(kind, kwargs, rngs), shardings)
+                 lambda kwargs, rngs: _autoencoder_module(kind, kwargs, rngs), shardings,
+                 abstract)
 
 
-def _frozen(section, cfg, kind, variant_kwargs, make, shardings):
-  """Loads (or, with init == 'random', initialises) a frozen network as (graphdef, params)."""
+def _frozen(section, cfg, kind, variant_kwargs, make, shardings, abstract_only):
+  """Loads (or, with init == 'random', initialises) a frozen network as (graphdef, params); only
+  its abstract params (ShapeDtypeStructs with the `shardings`) with `abstract_only`."""
   if cfg.init not in INITS:
     raise ValueError(f"config.{section}.init={cfg.init!r} must be one of {INITS}")
   if cfg.init == "random":
@@ -110,6 +116,12 @@ def _frozen(section, cfg, kind, variant_kwargs, make, shardings):
     kwargs = metadata["kwargs"]
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(kwargs, nnx.Rngs(0))))
   target = shardings(abstract) if shardings is not None else None
+  abstract_params = abstract.to_pure_dict()
+  if target is not None:
+    abstract_params = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params, target)
+  if abstract_only:
+    return graphdef, abstract_params
   if cfg.init == "random":
     logging.warning("=" * 80 + "\nconfig.%s.init='random': the FROZEN %s has RANDOM weights. "
                     "Results are meaningless except for tests and benchmarks.\n" + "=" * 80,
@@ -119,10 +131,6 @@ def _frozen(section, cfg, kind, variant_kwargs, make, shardings):
       return nnx.split(make(kwargs, nnx.Rngs(cfg.seed)))[1].to_pure_dict()
 
     return graphdef, jax.jit(init, out_shardings=target)()
-  abstract_params = abstract.to_pure_dict()
-  if target is not None:
-    abstract_params = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params, target)
   try:
     params, _ = checkpoint.load_params(path, abstract_params)
   except (ValueError, KeyError) as e:
