@@ -5,8 +5,9 @@
 once and passed to every step). Order of work:
   1. checks that need no compute: config values, workdir, mesh vs devices, batch vs mesh, the saved
      config of an existing checkpoint, the frozen-weight paths;
-  2. frozen networks (loaded sharded), the teacher (one-step), the train state (created sharded),
-     the data iterator;
+  2. the run (`builder.build`: frozen networks loaded sharded, the teacher of one-step runs, the
+     train state created sharded, the jitted steps; its parameter table logged), the data
+     iterator;
   3. restore of the latest checkpoint (state and iterator) if there is one;
   4. the step, compiled ahead of time (compile time logged apart from throughput);
   5. the loop: steps, metrics every `log_every_steps`, validation samples every
@@ -16,24 +17,21 @@ A non-finite loss stops the run with the step number before anything is saved. S
 (preemption) saves a checkpoint of the current step and returns normally (exit status 0).
 """
 import functools
-import json
 import os
 import signal
 import tempfile
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx
+from clu import parameter_overview
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from vosr_jax import checkpoint, cli_utils, logging_utils, metrics, models, objectives
-from vosr_jax import sharding, steps
+from vosr_jax import builder, checkpoint, cli_utils, logging_utils, metrics, models, objectives
+from vosr_jax import perf, sharding, steps
 from vosr_jax.data import pipeline
-from vosr_jax.models import dit
 
 
 KINDS = ("multistep", "onestep")
@@ -134,14 +132,6 @@ def check_workdir(workdir):
         from e
 
 
-def _per_device_flops(compiled):
-  """FLOPs of one call of a compiled program per device, from XLA's cost analysis (or None)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def _host(x):
   """The host value of a replicated global array (every process holds all of it)."""
   return np.asarray(x.addressable_data(0))
@@ -156,8 +146,10 @@ class Validator:
   """A fixed validation set (first crops of the data sources with `config.eval.seed`, degraded
   with that seed) super-resolved with the EMA model; writes LR | SR | HR rows and PSNR/SSIM."""
 
-  def __init__(self, config, graphs, param_sh, frozen_sh, mesh):
+  def __init__(self, config, run):
+    """`run`: the `builder.Run` of `config` (its mesh and `sample_step`)."""
     self.config = config
+    mesh = run.mesh
     data_config = config.data.copy_and_resolve_references()
     data_config.num_workers = 0
     data_config.seed = config.eval.seed
@@ -170,7 +162,7 @@ class Validator:
     lq, _ = degrade(self.key, jax.make_array_from_process_local_data(rep, hq))
     self.lq, self.hq = lq, np.asarray(hq)
     self.lq_uint8 = _to_uint8(_host(lq))
-    self.sample = steps.jit_sample_step(config, graphs, param_sh, frozen_sh, mesh)
+    self.sample = run.sample_step
 
   def __call__(self, step, ema_params, frozen, writer):
     """Samples, then logs `eval/psnr`, `eval/ssim` (Y channel) and the comparison image.
@@ -188,91 +180,6 @@ class Validator:
     rows = [np.concatenate([lq, s, h], axis=1) for lq, s, h in zip(self.lq_uint8, sr, self.hq)]
     writer.write_image(step, "eval_lr_sr_hr", np.concatenate(rows, axis=0))
     return scores
-
-
-def _frozen_networks(config, mesh, dtype):
-  """Frozen encoder and autoencoder, loaded onto `mesh`: (graphdefs, params, shardings)."""
-  def shard(abstract):
-    return sharding.param_shardings(abstract, mesh, config.sharding_rules)
-
-  enc_graph, enc_params = models.build_encoder(config.encoder, dtype, shard)
-  ae_graph, ae_params = models.build_autoencoder(config.autoencoder, shard)
-  frozen = {"encoder": enc_params, "autoencoder": ae_params}
-  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  return enc_graph, ae_graph, frozen, frozen_sh
-
-
-def teacher_model_config(model_config):
-  """`config.model` of the multistep denoiser behind a model config: without the r embedder."""
-  out = ml_collections.ConfigDict(model_config.to_dict())
-  out.overrides.one_step = False
-  return out
-
-
-def _architecture(model_json):
-  """(variant, overrides with one_step spelled out) of a `config.model` as JSON (a dict)."""
-  overrides = dict(model_json["overrides"])
-  overrides["one_step"] = overrides.get("one_step", False)
-  return model_json["variant"], overrides
-
-
-def load_multistep_ema(config, abstract, mesh):
-  """Loads the multistep denoiser of `config.model.path` onto the parameter shardings of `mesh`.
-
-  `config.model.path` is a training workdir (the EMA of its latest checkpoint, which must come from
-  a multistep config with the same `model.variant`/`model.overrides`) or a converted checkpoint
-  of kind 'dit' without `r_embedder` whose constructor arguments agree with `config.model`.
-
-  Args:
-    config: the run config.
-    abstract: abstract parameters (nnx.State of ShapeDtypeStructs) of the multistep denoiser.
-    mesh: the Mesh.
-  Returns:
-    The parameters (pure dict of sharded arrays).
-  Raises:
-    FileNotFoundError, ValueError naming config.model.path: a missing or mismatched checkpoint.
-  """
-  param_sh = sharding.param_shardings(abstract, mesh, config.sharding_rules)
-  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        abstract.to_pure_dict(), param_sh)
-  path = os.path.abspath(config.model.path) if config.model.path else ""
-  key = f"config.model.path={config.model.path!r}"
-  want = teacher_model_config(config.model)
-  want_arch = _architecture(json.loads(want.to_json_best_effort()))
-  if path and checkpoint.is_train_workdir(path):
-    try:
-      params, step, saved = checkpoint.load_train_ema(path, target)
-    except checkpoint.DamagedCheckpoint:
-      raise
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"{key}: the latest checkpoint does not match config.model: {e}") from e
-    if saved["kind"] != "multistep" or _architecture(saved["model"]) != want_arch:
-      raise ValueError(
-          f"{key}: the workdir was trained with config.kind={saved['kind']!r}, config.model."
-          f"variant/overrides {_architecture(saved['model'])}; a multistep {want_arch} is needed")
-    logging.info("Multistep denoiser: EMA of step %d of %s.", step, path)
-    return params
-  if not path or not os.path.isdir(os.path.join(path, "params")):
-    raise FileNotFoundError(
-        f"{key}: neither a training workdir (with checkpoints/) nor a converted denoiser "
-        "checkpoint. Train one with configs/multistep.py or convert the official weights with "
-        "`python -m vosr_jax.convert --kind=dit`.")
-  metadata = checkpoint.load_metadata(path)
-  kwargs = dit.variant_kwargs(want.variant, **want.overrides.to_dict())
-  if metadata.get("kind") != "dit":
-    raise ValueError(f"{key} holds a {metadata.get('kind')!r} checkpoint, not a denoiser ('dit')")
-  diffs = {k: (metadata["kwargs"].get(k), v) for k, v in kwargs.items()
-           if metadata["kwargs"].get(k, False) != v}
-  if diffs:
-    raise ValueError(f"{key}: the converted denoiser differs from config.model (checkpoint, "
-                     f"config): {diffs}; a multistep model (one_step=False) of the same size is "
-                     "needed")
-  try:
-    return checkpoint.load_params(path, target)[0]
-  except checkpoint.DamagedCheckpoint:
-    raise
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"{key}: the checkpoint does not match config.model: {e}") from e
 
 
 def run(config, workdir):
@@ -304,27 +211,13 @@ def _run(config, workdir, stop):
                      f"per-device batch {per_device} (config.batch_size={config.batch_size} over "
                      f"{sharding.batch_size_per_step(mesh)} data-parallel devices)")
   ckpt = checkpoint.TrainCheckpointer(workdir, config)
-  dtype = models.compute_dtype(config.dtype)
   logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
-  def make_denoiser(rngs):
-    return models.build_denoiser(config.model, rngs, dtype)
-
-  # The multistep denoiser: the initialisation of multistep fine-tuning, or the frozen teacher
-  # and the student's initialisation (all but its r embedder) of one-step distillation.
-  multistep = nnx.split(nnx.eval_shape(lambda: models.build_denoiser(
-      teacher_model_config(config.model), nnx.Rngs(0), dtype)), nnx.Param)
-  initial_params = load_multistep_ema(config, multistep[1], mesh) \
-      if config.model.init == "checkpoint" else None
-  enc_graph, ae_graph, frozen, frozen_sh = _frozen_networks(config, mesh, dtype)
-  tx, schedule = steps.make_optimizer(config.optim)
-  onestep = config.kind == "onestep"
-  graphdef, state, state_sh = steps.create_train_state(
-      make_denoiser, config, mesh, tx, initial_params,
-      new_modules=("r_embedder",) if onestep else ())
-  graphs = steps.Graphs(denoiser=graphdef, encoder=enc_graph, autoencoder=ae_graph,
-                        teacher=multistep[0] if onestep else None)
+  built = builder.build(config, mesh)
+  state, frozen = built.state, built.frozen
+  parameter_overview.log_parameter_overview(
+      state.params, include_stats=False, msg="Denoiser parameters:", jax_logging_process=0)
   data_iter = pipeline.make_train_iterator(config.data, config.batch_size // jax.process_count())
 
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -338,21 +231,12 @@ def _run(config, workdir, stop):
   # Rows after the restored step come from a run that was stopped before its next checkpoint:
   # they are computed again from here.
   writer = logging_utils.MetricWriter(workdir, resume_step=step)
-  validator = Validator(config, graphs, state_sh.ema_params, frozen_sh, mesh) \
-      if config.eval.every_steps else None
-  if onestep:
-    # `initial_params` stays as it was loaded: the teacher (the state holds its own copies).
-    frozen_args = (initial_params, frozen)
-    train_step = steps.jit_distill_step(config, graphs, tx, schedule, state_sh,
-                                        jax.tree.map(lambda x: x.sharding, initial_params),
-                                        frozen_sh, mesh)
-  else:
-    frozen_args = (frozen,)
-    train_step = steps.jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh)
+  validator = Validator(config, built) if config.eval.every_steps else None
+  frozen_args = built.frozen_args
   batch = sharding.shard_batch(next(data_iter), mesh)
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, *frozen_args, batch).compile()
-  flops = _per_device_flops(compiled)
+  compiled = built.train_step.lower(state, *frozen_args, batch).compile()
+  flops = perf.flops(compiled)
   writer.write_scalars(step, {"perf/compile_seconds": time.perf_counter() - t0})
 
   if validator is not None and step == 0:
