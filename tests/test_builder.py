@@ -36,7 +36,9 @@ def test_abstract_train_step_compiles_without_weights(nothing_loaded):
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
                         for x in leaves)
   assert run.teacher is None and len(args) == 3  # (state, frozen, batch)
-  compiled = run.train_step.lower(*args).compile()
+  # CPU code quality does not matter here: the cheapest backend optimisation (half the time).
+  compiled = run.train_step.lower(*args).compile(
+      {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
   assert perf.flops(compiled) > 0
 
 
