@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU figures for one NVIDIA H100/H200, in one run (about 10 minutes, mostly
+# The GPU figures for one NVIDIA H100/H200, in one run (about 10 minutes, mostly
 # compilation), every figure a `python -m vosr_jax.bench` JSON record under $OUT:
 #   1. the 0.5B multi-step train step (degradation, DINOv2 ViT-B, SD-2.1 VAE, denoiser, AdamW),
 #      bf16, 512x512, per-device batch 8, cuDNN flash attention: step time, images/s, TFLOP/s, MFU;

@@ -12,9 +12,7 @@ import jax
 import numpy as np
 
 from configs import multistep
-from vosr_jax import sharding, steps, train
-
-import train_utils  # tests/ is sys.path[0] when this file runs as a script
+from vosr_jax import builder, sharding, train
 
 MESHES = {"data8": dict(data=8, fsdp=1), "data2_fsdp4": dict(data=2, fsdp=4),
           "fsdp8": dict(data=1, fsdp=8)}
@@ -24,10 +22,8 @@ def run(mesh_axes, batches):
   config = multistep.get_config("tiny")
   config.mesh.data, config.mesh.fsdp = mesh_axes["data"], mesh_axes["fsdp"]
   mesh = sharding.make_mesh(config.mesh)
-  built = train_utils.build_training(config, mesh)
-  state, frozen = built["state"], built["frozen"]
-  step = steps.jit_train_step(config, built["graphs"], built["tx"], built["schedule"],
-                              built["state_sh"], built["frozen_sh"], mesh)
+  built = builder.build(config, mesh)
+  state, frozen, step = built.state, built.frozen, built.train_step
   losses = []
   for b in batches:
     state, metrics = step(state, frozen, sharding.shard_batch({"hq": b}, mesh))

@@ -71,6 +71,8 @@ def test_distill():
 def test_distill_needs_onestep_config():
   with pytest.raises(ValueError, match="config.kind='onestep'"):
     bench.run(multistep.get_config("tiny"), "distill")
+  with pytest.raises(ValueError, match="config.kind='multistep'"):
+    bench.run(onestep.get_config("tiny"), "train")
 
 
 def test_degradation():
@@ -104,15 +106,6 @@ def test_sampling():
   assert [r["mode"] for r in record["results"]] == ["onestep"]
   with pytest.raises(ValueError, match="sampling_models"):
     bench.run(multistep.get_config("tiny"), "sampling", sampling_models=("twostep",))
-
-
-def test_time_fn_threads_arguments():
-  calls = []
-  timing = bench.time_fn(lambda x: calls.append(x) or x + 1, (0,), 3, 2,
-                         update=lambda args, out: (out,))
-  assert calls == [0, 1, 2, 3, 4] and timing["steps"] == 3 and timing["warmup"] == 2
-  with pytest.raises(ValueError, match="--steps"):
-    bench.time_fn(lambda: None, (), 0, 0)
 
 
 def test_peak_flops():

@@ -7,18 +7,16 @@ import optax
 import pytest
 
 from configs import multistep
-from vosr_jax import sharding, steps
-
-import train_utils
+from vosr_jax import builder, sharding, steps
 
 
 @pytest.fixture(scope="module")
 def setup():
   config = multistep.get_config("tiny")
   mesh = sharding.make_mesh(config.mesh)
-  built = train_utils.build_training(config, mesh)
-  return dict(config=config, mesh=mesh, frozen=built["frozen"], state=built["state"],
-              graphs=built["graphs"])
+  built = builder.build(config, mesh)
+  return dict(config=config, mesh=mesh, frozen=built.frozen, state=built.state,
+              graphs=built.graphs, run=built)
 
 
 def test_optimizer_schedule_and_decay_on_all_params():
@@ -49,6 +47,20 @@ def test_initial_state(setup):
     assert p.dtype == jnp.float32
   # The final layer is zero-initialised (spec 1.5): the untrained model predicts 0.
   assert not np.any(np.asarray(state.params["final_layer"]["linear"]["kernel"]))
+
+
+def test_abstract_run_is_the_real_one(setup):
+  """`builder.build(abstract=True)`: the real run's shapes, dtypes and shardings, nothing placed."""
+  def specs(tree):
+    return jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype), x.sharding), tree)
+
+  real = setup["run"]
+  abstract = builder.build(setup["config"], setup["mesh"], abstract=True)
+  assert not any(isinstance(x, jax.Array)
+                 for x in jax.tree.leaves((abstract.state, abstract.frozen)))
+  assert specs(abstract.state) == specs(real.state)
+  assert specs(abstract.frozen) == specs(real.frozen)
+  assert specs(abstract.batch_spec()) == specs(real.batch_spec())
 
 
 def test_front_half_shapes(setup):

@@ -77,7 +77,7 @@ def hf():
 
 @pytest.fixture(scope="module")
 def vit(hf):
-  """Converted models, built once per (option, value) pair: vit() or vit(scan_blocks=False)."""
+  """Converted models, built once per (option, value) pair: vit() or vit(scan=False)."""
   _, _, params, kwargs = hf
   cache = {}
 
@@ -113,8 +113,8 @@ def test_matches_transformers(hf, vit, side, scan):
     ref = model(nchw(x), output_hidden_states=True)
   mid = ref.hidden_states[TAP + 1][:, 1:].numpy()  # hidden_states[0] is the embedding output
   final = ref.last_hidden_state[:, 1:].numpy()
-  got_mid = np.asarray(_run(vit(scan_blocks=scan), jnp.asarray(x), tap_layer=TAP))
-  got_final = np.asarray(_run(vit(scan_blocks=scan), jnp.asarray(x), final_norm=True))
+  got_mid = np.asarray(_run(vit(scan=scan), jnp.asarray(x), tap_layer=TAP))
+  got_final = np.asarray(_run(vit(scan=scan), jnp.asarray(x), final_norm=True))
   assert got_mid.shape == mid.shape == (2, (side // 14) ** 2, D)
   assert max_err(got_mid, mid) <= F32_ATOL
   assert max_err(got_final, final) <= F32_ATOL
@@ -163,7 +163,7 @@ def test_tap_layer_skips_later_blocks(hf, scan):
   poisoned = jax.tree.map(np.copy, params)
   for leaf in jax.tree.leaves(poisoned["blocks"]):
     leaf[TAP + 1:] = np.nan
-  model = load(ViT, poisoned, **kwargs, scan_blocks=scan)
+  model = load(ViT, poisoned, **kwargs, scan=scan)
   x = jnp.asarray(_images(224, seed=3, batch=1))
   assert np.isfinite(np.asarray(_run(model, x, tap_layer=TAP))).all()
   assert np.isnan(np.asarray(_run(model, x, final_norm=True))).all()

@@ -1,6 +1,6 @@
 """Helpers shared by the training-loop tests (test_train.py, test_distill.py): command lines of
-`python -m vosr_jax.main` on the `tiny` configs, their environment, reading back results, and the
-in-process set-up of a train step (test_steps.py, mesh_equivalence_script.py)."""
+`python -m vosr_jax.main` on the `tiny` configs, their environment, reading back results, and a
+tiny training workdir with one checkpoint (test_sample_cli.py, test_reliability.py)."""
 import json
 import os
 import subprocess
@@ -97,38 +97,19 @@ def section(config, dotted):
   return config
 
 
-def build_training(config, mesh):
-  """Frozen networks, optimizer, sharded train state and graphs of `config` on `mesh`.
-
-  Returns:
-    dict(graphs, state, state_sh, frozen, frozen_sh, tx, schedule).
-  """
-  from vosr_jax import models, steps, train  # pylint: disable=g-import-not-at-top
-  dtype = models.compute_dtype(config.dtype)
-  enc_graph, ae_graph, frozen, frozen_sh = train._frozen_networks(config, mesh, dtype)
-  tx, schedule = steps.make_optimizer(config.optim)
-  graphdef, state, state_sh = steps.create_train_state(
-      lambda rngs: models.build_denoiser(config.model, rngs, dtype), config, mesh, tx)
-  return dict(graphs=steps.Graphs(graphdef, enc_graph, ae_graph), state=state, state_sh=state_sh,
-              frozen=frozen, frozen_sh=frozen_sh, tx=tx, schedule=schedule)
-
-
 def tiny_workdir(path, perturb_seed=None):
   """Writes a training workdir of configs/multistep.py:tiny with one checkpoint (step 1) at `path`
   and returns `path`. The EMA is the random init, or `perturbed` with `perturb_seed`."""
   import grain  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from configs import multistep  # pylint: disable=import-outside-toplevel
-  from vosr_jax import checkpoint, inference, steps  # pylint: disable=import-outside-toplevel
+  from vosr_jax import builder, checkpoint, sharding  # pylint: disable=import-outside-toplevel
   config = multistep.get_config("tiny")
   config.unlock()
   config.checkpoint.async_save = False
-  params = inference.random_pipeline(config).params["denoiser"]
-  if perturb_seed is not None:
-    params = perturbed(params, perturb_seed)
-  state = steps.TrainState(step=jnp.int32(1), params=params, opt_state=(), ema_params=params,
-                           rng=jax.random.PRNGKey(0))
+  state = builder.build(config, sharding.make_mesh(config.mesh)).state
+  ema = state.ema_params if perturb_seed is None else perturbed(state.ema_params, perturb_seed)
+  state = state.replace(step=jnp.int32(1), ema_params=ema)
   ckpt = checkpoint.TrainCheckpointer(path, config)
   ckpt.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
   ckpt.wait()

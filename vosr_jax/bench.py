@@ -12,12 +12,15 @@ r"""Benchmarks: one JSON record per run, with the command, the device and the ti
     --config=configs/multistep.py:0.5b --what=memory --step=train --memory_gb=80 \
     --config.mesh.data=1 --config.mesh.fsdp=8
 
-Modes (`--what`):
-  denoiser     `steps.denoiser_step` (denoiser forward, backward, clipped AdamW, EMA) on random
-               latents and tokens of the config's shapes; no accumulation (one full-batch step).
-  train        `steps.jit_train_step` (degradation, encoder, autoencoder, denoiser, optimizer) on
-               random uint8 HQ batches of `config.batch_size` x `config.data.resolution`^2.
-  distill      `steps.jit_distill_step` of a one-step config (configs/onestep.py): the train step
+Modes (`--what`); the networks, state and jitted steps are `builder.build`'s:
+  denoiser     the run's step from already encoded latents (`Run.denoiser_step`: the train step
+               of a multistep config without degradation and frozen encoders, i.e. denoiser
+               forward, backward, clipped AdamW, EMA) on random latents and tokens of the
+               config's shapes.
+  train        the train step of a multistep config (`Run.train_step`: degradation, encoder,
+               autoencoder, denoiser, optimizer) on random uint8 HQ batches of
+               `config.batch_size` x `config.data.resolution`^2.
+  distill      the train step of a one-step config (configs/onestep.py): the distillation step
                with the student and a random multistep teacher (teacher and student calls of
                `config.distill`).
   degradation  the jitted degradation chain (`degradation.make_degrade`) on a random float batch of
@@ -42,28 +45,25 @@ Modes (`--what`):
                (and refits and steps down once if it does not fit).
 
 Every network has random weights (`init='random'` is forced): timings do not depend on the values.
-Each timed figure is the median, min and max over `--steps` calls after `--warmup` untimed ones,
-each call blocked on (`time_fn`); compilation is timed apart (`compile_s`). FLOPs per step come
-from XLA's cost analysis of the lowered step with the block stacks unrolled (`model.scan` and
+Each timed figure is the median, min, max and mean over `--steps` calls after `--warmup` untimed
+ones, each call blocked on (`perf.time_fn`); compilation is timed apart (`compile_s`). FLOPs per
+step come from XLA's cost analysis of the lowered step with the block stacks unrolled (`model.scan` and
 `encoder.scan` off): the cost analysis counts a `lax.scan` body once, not once per layer. MFU is
 given where the peak FLOP/s of the device is known (`PEAK_FLOPS`) or passed with `--peak_tflops`.
 """
-import functools
 import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
-from vosr_jax import cli_utils, inference, models, sharding, steps
+from vosr_jax import builder, cli_utils, inference, perf, sharding
 from vosr_jax.models import dit
 from vosr_jax.data import degradation, pipeline
 
@@ -126,33 +126,6 @@ for _name in ("peak_tflops", "memory_gb"):
   flags.register_validator(_name, lambda v: v is None or v > 0, f"--{_name} must be > 0")
 
 
-def time_fn(fn, args, steps, warmup, update=None):
-  """Calls `fn(*args)` `warmup + steps` times, blocking on each result; times the last `steps`.
-
-  Args:
-    fn: any callable (a compiled step, a jitted function, a Python iterator's `next`).
-    args: tuple of arguments of the first call.
-    steps: timed calls (>= 1).
-    warmup: untimed calls first (>= 0).
-    update: optional (args, result) -> the arguments of the next call, outside the timed region
-      (threads a donated train state, draws a new key).
-  Returns:
-    dict(steps, warmup, median_s, min_s, max_s, mean_s).
-  """
-  if steps < 1 or warmup < 0:
-    raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-    if update is not None:
-      args = update(args, out)
-  return dict(steps=steps, warmup=warmup, median_s=statistics.median(times), min_s=min(times),
-              max_s=max(times), mean_s=statistics.fmean(times))
-
-
 def peak_flops(device_kind, dtype, peak_tflops=None):
   """(peak FLOP/s per device, where it comes from), or (None, None) when unknown.
 
@@ -187,128 +160,31 @@ def _unrolled(config):
   return config
 
 
-def _networks(what, config, mesh):
-  """Random networks of step `what` ('denoiser', 'train' or 'distill') placed on `mesh`.
-
-  Returns:
-    dict(graphs, state, state_sh, tx, schedule, frozen, frozen_sh, teacher, teacher_sh): the
-    denoiser (the student for 'distill') train state; the frozen encoder/autoencoder and their
-    shardings for 'train' and 'distill'; the multistep teacher for 'distill' (None where not
-    needed).
-  """
-  dtype = models.compute_dtype(config.dtype)
-  tx, schedule = steps.make_optimizer(config.optim)
-  graphdef, state, state_sh = steps.create_train_state(
-      lambda rngs: models.build_denoiser(config.model, rngs, dtype), config, mesh, tx)
-  out = dict(graphs=steps.Graphs(graphdef, None, None), state=state, state_sh=state_sh, tx=tx,
-             schedule=schedule, frozen=None, frozen_sh=None, teacher=None, teacher_sh=None)
+def _step(what, run):
+  """(the jitted step of `what`, its arguments from `run`'s initial state): 'denoiser'
+  `run.denoiser_step` on random latents, 'train' and 'distill' `run.train_step` on a random uint8
+  batch; abstract (ShapeDtypeStructs) when `run` is."""
+  config, mesh = run.config, run.mesh
+  abstract = isinstance(run.state.step, jax.ShapeDtypeStruct)
   if what == "denoiser":
-    return out
-
-  def shard(abstract):
-    return sharding.param_shardings(abstract, mesh, config.sharding_rules)
-
-  # The shardings the frozen networks are placed with, kept apart: an abstract (`_abstract`)
-  # parameter carries none, and the compiled step's memory depends on them (FSDP).
-  frozen_sh = {}
-
-  def shard_as(name):
-    def record(abstract):
-      frozen_sh[name] = shard(abstract)
-      return frozen_sh[name]
-    return record
-
-  enc_graph, enc_params = models.build_encoder(config.encoder, dtype, shard_as("encoder"))
-  ae_graph, ae_params = models.build_autoencoder(config.autoencoder, shard_as("autoencoder"))
-  out["frozen"] = {"encoder": enc_params, "autoencoder": ae_params}
-  rep = sharding.replicated(mesh)
-  out["frozen_sh"] = {k: frozen_sh.get(k) or jax.tree.map(lambda _: rep, v)
-                      for k, v in out["frozen"].items()}
-  teacher_graph = None
-  if what == "distill":
-    teacher_config = config.model.copy_and_resolve_references()
-    teacher_config.overrides.one_step = False
-
-    def teacher():
-      return models.build_denoiser(teacher_config, nnx.Rngs(config.seed + 1), dtype)
-
-    teacher_graph, abstract = nnx.split(nnx.eval_shape(teacher), nnx.Param)
-    out["teacher_sh"] = shard(abstract)
-    out["teacher"] = jax.jit(lambda: nnx.state(teacher(), nnx.Param).to_pure_dict(),
-                             out_shardings=out["teacher_sh"])()
-  out["graphs"] = steps.Graphs(graphdef, enc_graph, ae_graph, teacher_graph)
-  return out
-
-
-_ARRAYS = ("state", "frozen", "teacher")
-
-
-def _abstract(build):
-  """Runs `build() -> dict` without allocating: its `_ARRAYS` entries as ShapeDtypeStructs."""
-  built = {}
-
-  def arrays():
-    built.update(build())
-    return {k: built[k] for k in _ARRAYS}
-
-  abstract = jax.eval_shape(arrays)
-  return {**built, **abstract}
-
-
-def _hq_shape(config):
-  return (config.batch_size, config.data.resolution, config.data.resolution, 3)
-
-
-def _latent_shapes(config, mesh):
-  """ShapeDtypeStructs of `steps.encode_batch`'s output (tokens, lr_latent, hr_latent)."""
-  nets = _abstract(lambda: _networks("train", config, mesh))
-  hq = jax.ShapeDtypeStruct(_hq_shape(config), np.uint8)
-  return jax.eval_shape(
-      lambda frozen, batch: steps.encode_batch(nets["graphs"], frozen, batch,
-                                               jax.random.PRNGKey(0), config),
-      nets["frozen"], {"hq": hq})
-
-
-def _jit_step(what, nets, config, mesh):
-  """The jitted step of `what`, state donated: 'denoiser' f(state, latents), 'train'
-  f(state, frozen, batch), 'distill' f(state, teacher, frozen, batch)."""
-  if what == "denoiser":
-    fn = functools.partial(steps.denoiser_step, graphs=nets["graphs"], config=config,
-                           tx=nets["tx"], schedule=nets["schedule"])
-    return jax.jit(sharding.with_mesh(fn, mesh),
-                   in_shardings=(nets["state_sh"], sharding.batch_sharding(mesh)),
-                   out_shardings=(nets["state_sh"], sharding.replicated(mesh)),
-                   donate_argnums=(0,))
-  frozen_sh = nets["frozen_sh"]
-  args = (config, nets["graphs"], nets["tx"], nets["schedule"], nets["state_sh"])
-  if what == "train":
-    return steps.jit_train_step(*args, frozen_sh, mesh)
-  return steps.jit_distill_step(*args, nets["teacher_sh"], frozen_sh, mesh)
-
-
-def _step_args(what, nets, config, mesh):
-  """Arguments of `_jit_step`: random data (abstract when `nets` is) of the config's shapes."""
-  abstract = isinstance(nets["state"].step, jax.ShapeDtypeStruct)
-  if what == "denoiser":
-    shapes = _latent_shapes(config, mesh)
+    shapes = run.latent_spec()
     if abstract:
-      return nets["state"], shapes
+      return run.denoiser_step, run.denoiser_args(shapes)
 
     def draw():
       keys = jax.random.split(jax.random.PRNGKey(config.seed), len(shapes))
       return {k: jax.random.normal(key, s.shape, s.dtype)
               for key, (k, s) in zip(keys, sorted(shapes.items()))}
 
-    return nets["state"], jax.jit(draw, out_shardings=sharding.batch_sharding(mesh))()
-  shape = _hq_shape(config)
-  if abstract:
-    batch = {"hq": jax.ShapeDtypeStruct(shape, np.uint8)}
-  else:
+    latents = jax.jit(draw, out_shardings=sharding.batch_sharding(mesh))()
+    return run.denoiser_step, run.denoiser_args(latents)
+  batch = run.batch_spec()
+  if not abstract:
+    shape = batch["hq"].shape
     local = (shape[0] // jax.process_count(),) + shape[1:]
     hq = np.random.default_rng(config.seed).integers(0, 256, local, np.uint8)
     batch = sharding.shard_batch({"hq": hq}, mesh)
-  teacher = (nets["teacher"],) if what == "distill" else ()
-  return (nets["state"], *teacher, nets["frozen"], batch)
+  return run.train_step, run.step_args(batch)
 
 
 def _step_flops(what, config, mesh, lowered):
@@ -319,42 +195,37 @@ def _step_flops(what, config, mesh, lowered):
   """
   source = "xla_cost_analysis(lowered step)"
   if config.model.scan or config.encoder.scan:
-    config = _unrolled(config)
-    nets = _abstract(lambda: _networks(what, config, mesh))
-    lowered = _jit_step(what, nets, config, mesh).lower(*_step_args(what, nets, config, mesh))
+    fn, args = _step(what, builder.build(_unrolled(config), mesh, abstract=True))
+    lowered = fn.lower(*args)
     source = "xla_cost_analysis(lowered step, model.scan=encoder.scan=False)"
-  cost = lowered.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None, None
-  return float(cost["flops"]), source
+  flops = perf.flops(lowered)
+  return (None, None) if flops is None else (flops, source)
 
 
 def bench_step(what, config, mesh, *, num_steps, warmup, peak_tflops=None):
   """Times the 'denoiser', 'train' or 'distill' step of `config` on `mesh` (module docstring).
 
   Returns:
-    JSON-able dict: compile_s, the `time_fn` statistics, images_per_s, flops_per_step,
+    JSON-able dict: compile_s, the `perf.time_fn` statistics, images_per_s, flops_per_step,
     flops_source, tflops_per_s (all devices), peak_tflops_per_device, peak_source, mfu (or None),
     and the input shapes.
   """
-  nets = _networks(what, config, mesh)
-  fn = _jit_step(what, nets, config, mesh)
-  args = _step_args(what, nets, config, mesh)
+  run = builder.build(config, mesh)
+  fn, args = _step(what, run)
   start = time.perf_counter()
   lowered = fn.lower(*args)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   flops, flops_source = _step_flops(what, config, mesh, lowered)
   shapes = {k: list(v.shape) for k, v in args[-1].items()}
-  timing = time_fn(compiled, args, num_steps, warmup, update=lambda a, out: (out[0],) + a[1:])
+  timing = perf.time_fn(compiled, args, num_steps, warmup,
+                        update=lambda a, out: (out[0],) + a[1:])
   median = timing["median_s"]
   peak, peak_source = peak_flops(jax.devices()[0].device_kind, config.dtype, peak_tflops)
   return dict(
       compile_s=compile_s, **timing, batch_size=config.batch_size, shapes=shapes,
       images_per_s=config.batch_size / median,
-      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nets["state"].params)),
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
       flops_per_step=flops, flops_source=flops_source,
       tflops_per_s=None if flops is None else flops / median / 1e12,
       peak_tflops_per_device=None if peak is None else peak / 1e12, peak_source=peak_source,
@@ -395,9 +266,8 @@ def bench_compile(what, config, mesh):
     params, depth, scan, remat_policy, mesh_shape, memory_per_device (`memory_stats`, or None)
     and memory_source (which compiler's analysis).
   """
-  nets = _abstract(lambda: _networks(what, config, mesh))
-  fn = _jit_step(what, nets, config, mesh)
-  args = _step_args(what, nets, config, mesh)
+  run = builder.build(config, mesh, abstract=True)
+  fn, args = _step(what, run)
   start = time.perf_counter()
   lowered = fn.lower(*args)
   lowered_at = time.perf_counter()
@@ -409,7 +279,7 @@ def bench_compile(what, config, mesh):
       step=what, lower_s=lowered_at - start, compile_s=compile_s, batch_size=config.batch_size,
       per_device_batch=config.batch_size // sharding.batch_size_per_step(mesh),
       shapes={k: list(v.shape) for k, v in args[-1].items()},
-      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nets["state"].params)),
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
       depth=_depth(config), scan=config.model.scan, remat_policy=config.model.remat_policy,
       mesh_shape=dict(mesh.shape), memory_per_device=memory,
       memory_source=None if memory is None else
@@ -488,8 +358,8 @@ def bench_degradation(config, *, batch, size, num_steps, warmup):
   start = time.perf_counter()
   compiled = fn.lower(key, hq).compile()
   compile_s = time.perf_counter() - start
-  timing = time_fn(compiled, (key, hq), num_steps, warmup,
-                   update=lambda a, _: (jax.random.fold_in(a[0], 1), a[1]))
+  timing = perf.time_fn(compiled, (key, hq), num_steps, warmup,
+                        update=lambda a, _: (jax.random.fold_in(a[0], 1), a[1]))
   return dict(compile_s=compile_s, **timing, batch_size=batch, image_size=size,
               images_per_s=batch / timing["median_s"])
 
@@ -500,13 +370,9 @@ def bench_pipeline(config, folder, *, num_steps, warmup):
     raise ValueError("--what=pipeline needs --folder=DIR (a folder of images)")
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"--folder={folder} is not a folder")
-  data = config_dict.ConfigDict({**config.data.to_dict(), "sources": [folder]})
-  iterator = pipeline.make_train_iterator(data, config.batch_size, process_index=0,
-                                          process_count=1)
-  timing = time_fn(lambda: next(iterator), (), num_steps, warmup)
-  return dict(**timing, folder=folder, batch_size=config.batch_size,
-              resolution=data.resolution, num_workers=data.num_workers,
-              images_per_s=config.batch_size / timing["median_s"])
+  return dict(**pipeline.benchmark_pipeline(folder, config.data, batch_size=config.batch_size,
+                                            num_batches=num_steps, warmup_batches=warmup),
+              folder=folder)
 
 
 def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup, models=SAMPLING_MODELS):
@@ -554,6 +420,10 @@ def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
   if stepped == "distill" and config.kind != "onestep":
     raise ValueError(f"--what=distill needs a one-step config (config.kind='onestep', "
                      f"configs/onestep.py), not config.kind={config.kind!r}")
+  if stepped == "train" and config.kind != "multistep":
+    raise ValueError(f"--what=train needs a multistep config (config.kind='multistep', "
+                     f"configs/multistep.py), not config.kind={config.kind!r}; the one-step "
+                     "train step is --what=distill")
   if what in ("compile", "memory"):
     mesh = sharding.make_mesh(config.mesh)
     if what == "memory":

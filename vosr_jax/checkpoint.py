@@ -370,7 +370,8 @@ def kwargs_differences(have, want):
   return {k: (have.get(k), v) for k, v in want.items() if norm(have.get(k, False)) != norm(v)}
 
 
-def load_network(folder, make, *, kind, label, want=None, shardings=None, target=None):
+def load_network(folder, make, *, kind, label, want=None, shardings=None, target=None,
+                 abstract=False):
   """Restores a converted network from the parameter checkpoint `folder`.
 
   Args:
@@ -382,6 +383,7 @@ def load_network(folder, make, *, kind, label, want=None, shardings=None, target
       caller's config); a difference is a ValueError listing them.
     shardings: optional nnx.State -> pytree of shardings to restore onto.
     target: optional pytree of `jax.ShapeDtypeStruct` to restore onto (wins over `shardings`).
+    abstract: return that target instead of the parameters (only the metadata is read).
   Returns:
     (graphdef, params as a pure dict, metadata).
   Raises:
@@ -396,9 +398,11 @@ def load_network(folder, make, *, kind, label, want=None, shardings=None, target
   if diffs:
     raise ValueError(f"{label}: the converted {kind!r} network differs from the config "
                      f"(checkpoint, config): {diffs}")
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(kwargs, nnx.Rngs(0))))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: make(kwargs, nnx.Rngs(0))))
   if target is None:
-    target = abstract_target(abstract, shardings)
+    target = abstract_target(abstract_state, shardings)
+  if abstract:
+    return graphdef, target, metadata
   try:
     params, _ = load_params(folder, target)
   except DamagedCheckpoint:

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -27,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from vosr_jax import checkpoint, models, objectives, sampling
+from vosr_jax import checkpoint, models, objectives, perf, sampling
 from vosr_jax.models import qwen_vae, vae, vit
 
 # Official VOSR tap layers by DINOv2 width (VOSR_SPEC.md §2), for converted encoders whose
@@ -209,12 +208,13 @@ def benchmark_sampling(multistep=None, onestep=None, *, sampling_config,
     sizes: (LR side, output side) pairs; the input is the upscaled LR at the output side.
     multistep_steps: Euler steps of the multi-step pipeline (None: the config's `num_steps`).
     batch_size: images per call.
-    repeats, warmup: timed calls after `warmup` untimed ones (the first compiles).
+    repeats, warmup: timed calls after `warmup` untimed ones (`perf.time_fn`; compilation is
+      timed apart, ahead of time).
     tile_size: denoiser tiles in pixels (None: the config's; 0: whole image).
     seed: of the random inputs.
   Returns:
     JSON-able dict: {'device': ..., 'results': [{'mode', 'steps', 'lr_size', 'hr_size',
-    'batch_size', 'compile_s', 'median_s', 'min_s', 'max_s', 'images_per_s'}, ...]}.
+    'batch_size', 'compile_s', 'median_s', 'min_s', 'max_s', 'mean_s', 'images_per_s'}, ...]}.
   """
   results = []
   for mode, pipe, steps in (("multistep", multistep, multistep_steps), ("onestep", onestep, None)):
@@ -231,16 +231,11 @@ def benchmark_sampling(multistep=None, onestep=None, *, sampling_config,
       start = time.perf_counter()
       compiled = fn.lower(pipe.params, images, keys).compile()
       compile_s = time.perf_counter() - start
-      times = []
-      for i in range(warmup + repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(pipe.params, images, keys))
-        if i >= warmup:
-          times.append(time.perf_counter() - start)
-      median = statistics.median(times)
+      timing = perf.time_fn(compiled, (pipe.params, images, keys), repeats, warmup)
       results.append(dict(mode=mode, steps=steps, lr_size=lr_side, hr_size=hr_side,
-                          batch_size=batch_size, compile_s=compile_s, median_s=median,
-                          min_s=min(times), max_s=max(times), images_per_s=batch_size / median))
+                          batch_size=batch_size, compile_s=compile_s,
+                          **{k: timing[k] for k in ("median_s", "min_s", "max_s", "mean_s")},
+                          images_per_s=batch_size / timing["median_s"]))
   return dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
               results=[{k: (float(v) if isinstance(v, (float, np.floating)) else v)
                         for k, v in r.items()} for r in results])

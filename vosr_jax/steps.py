@@ -1,4 +1,4 @@
-"""Pure train/eval steps and their jit wiring with shardings.
+"""Pure train/eval steps (jitted with their shardings by `vosr_jax.builder`).
 
 Data flow of one train step (all one compiled program):
 
@@ -11,11 +11,11 @@ Data flow of one train step (all one compiled program):
 `train_step(state, frozen, batch)` and `distill_step(state, teacher_params, frozen, batch)` share
 everything but the loss function. Frozen networks (encoder, autoencoder, teacher) are arguments of
 the step (`frozen` = {'encoder': params, 'autoencoder': params}), never closed-over constants; their
-graph definitions are static. Every random draw comes from
-`jax.random.fold_in(state.rng, state.step)`, split once per purpose.
+graph definitions are static. With `frozen=None` the batch is already encoded (the latents of
+`encode_batch`): the step's denoiser part alone, which the benchmarks time. Every random draw
+comes from `jax.random.fold_in(state.rng, state.step)`, split once per purpose.
 """
 import dataclasses
-import functools
 from typing import Any
 
 import flax.struct
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vosr_jax import objectives, sharding
+from vosr_jax import objectives
 from vosr_jax.data import degradation
 from vosr_jax.models import vit as vit_lib
 
@@ -167,13 +167,15 @@ def _grads(loss_fn, params, aux_params, graphs, frozen, batch, key, config):
   """(loss, info, grads) of `loss_fn` averaged over `config.grad_accum_steps` micro-batches.
 
   `loss_fn(params, aux_params, graphs, latents, key, config) -> (loss, info)` is differentiated
-  in `params`; `aux_params` are further frozen parameters (the teacher) or None.
+  in `params`; `aux_params` are further frozen parameters (the teacher) or None. With
+  `frozen=None`, `batch` is the latents themselves.
   """
   k_front, k_objective = jax.random.split(key)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def micro(mb, i):
-    latents = encode_batch(graphs, frozen, mb, jax.random.fold_in(k_front, i), config)
+    latents = mb if frozen is None else encode_batch(graphs, frozen, mb,
+                                                     jax.random.fold_in(k_front, i), config)
     (loss, info), grads = grad_fn(params, aux_params, graphs, latents,
                                   jax.random.fold_in(k_objective, i), config)
     return loss, info, grads
@@ -224,9 +226,10 @@ def train_step(state, frozen, batch, *, graphs, config, tx, schedule):
 
   Args:
     state: `TrainState`.
-    frozen: {'encoder': params, 'autoencoder': params}.
-    batch: {'hq': uint8 (B, R, R, 3)}, the global batch.
-    graphs, config, tx, schedule: static (bound by `jit_train_step`).
+    frozen: {'encoder': params, 'autoencoder': params}, or None: `batch` is already encoded.
+    batch: {'hq': uint8 (B, R, R, 3)}, the global batch; with `frozen=None` its latents
+      dict(tokens, lr_latent, hr_latent) as `encode_batch` returns them.
+    graphs, config, tx, schedule: static (bound by `builder.build`).
   Returns:
     (new state, metrics): metrics is a flat dict of float32 scalars (`train/loss`,
     `train/grad_norm`, `train/param_norm`, `train/update_norm`, `train/lr`, `train/weak_fraction`,
@@ -234,24 +237,6 @@ def train_step(state, frozen, batch, *, graphs, config, tx, schedule):
   """
   return _step(_multistep_loss, state, None, frozen, batch, graphs=graphs, config=config, tx=tx,
                schedule=schedule)
-
-
-def denoiser_step(state, latents, *, graphs, config, tx, schedule):
-  """`train_step` from given `latents`: no degradation, frozen networks or accumulation.
-
-  Times the denoiser alone (forward, backward, clipped AdamW, EMA) in `vosr_jax.bench`.
-
-  Args:
-    state: `TrainState`.
-    latents: dict(tokens, lr_latent, hr_latent), as `encode_batch` returns.
-    graphs, config, tx, schedule: static, as in `train_step`.
-  Returns:
-    (new state, metrics) as `train_step`.
-  """
-  key = jax.random.fold_in(state.rng, state.step)
-  (loss, info), grads = jax.value_and_grad(_multistep_loss, has_aux=True)(
-      state.params, None, graphs, latents, key, config)
-  return apply_gradients(state, loss, info, grads, config=config, tx=tx, schedule=schedule)
 
 
 def distill_step(state, teacher_params, frozen, batch, *, graphs, config, tx, schedule):
@@ -264,106 +249,14 @@ def distill_step(state, teacher_params, frozen, batch, *, graphs, config, tx, sc
   Args:
     state: `TrainState` of the student (a denoiser with `r_embedder`).
     teacher_params: the frozen multistep denoiser's parameters (graph `graphs.teacher`).
-    frozen: {'encoder': params, 'autoencoder': params}.
-    batch: {'hq': uint8 (B, R, R, 3)}, the global batch.
-    graphs, config, tx, schedule: static (bound by `jit_distill_step`).
+    frozen, batch: as in `train_step`.
+    graphs, config, tx, schedule: static (bound by `builder.build`).
   Returns:
     (new state, metrics): as `train_step`, plus `train/loss_v`, `train/loss_u`, `train/r_mean`.
+    Per call with RCGM (N = 2): the equivalent of 2 teacher forwards and 2 student forwards +
+    backward on B samples, plus 2 student forwards without gradient.
   """
   return _step(_distill_loss, state, teacher_params, frozen, batch, graphs=graphs, config=config,
                tx=tx, schedule=schedule)
 
 
-def state_shardings(abstract_state, param_shardings, mesh, tx):
-  """Shardings of a `TrainState`: params and EMA as `param_shardings`, optimizer moments likewise,
-  scalars (step, counts) and the key replicated."""
-  rep = sharding.replicated(mesh)
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                              transform_non_params=lambda _: rep,
-                              is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  return TrainState(step=rep, params=param_shardings, opt_state=opt, ema_params=param_shardings,
-                    rng=rep)
-
-
-def create_train_state(make_denoiser, config, mesh, tx, initial_params=None, new_modules=()):
-  """Initialises the train state directly sharded on `mesh` (no host copy of the parameters).
-
-  Args:
-    make_denoiser: rngs -> denoiser module (see `vosr_jax.models.build_denoiser`).
-    config: the run config (`seed`, `sharding_rules`).
-    mesh: the Mesh.
-    tx: the optax transformation.
-    initial_params: optional pretrained parameters (pure dict, already sharded); None initialises
-      randomly from `config.seed`. The EMA starts as a copy of the initial parameters.
-    new_modules: top-level modules that `initial_params` lacks and that keep their random
-      initialisation (the one-step student's `r_embedder`, spec §5.1).
-  Returns:
-    (graphdef, state, shardings): the denoiser graph, the `TrainState`, its shardings.
-  Raises:
-    ValueError: when `initial_params` plus `new_modules` are not exactly the model's modules.
-  """
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: make_denoiser(nnx.Rngs(0))),
-                                        nnx.Param)
-  param_sh = sharding.param_shardings(abstract_params, mesh, config.sharding_rules)
-  if initial_params is not None:
-    have, want = set(initial_params) | set(new_modules), set(abstract_params.to_pure_dict())
-    if have != want or set(initial_params) & set(new_modules):
-      raise ValueError(f"steps.py: initial parameters {sorted(initial_params)} with new modules "
-                       f"{sorted(new_modules)} do not make the denoiser's {sorted(want)}")
-
-  def init(rng, params):
-    if params is None or new_modules:
-      random = nnx.state(make_denoiser(nnx.Rngs(params=jax.random.fold_in(rng, 0))),
-                         nnx.Param).to_pure_dict()
-      # Unused random parameters are dead code for XLA: only the new modules are computed.
-      params = random if params is None else {**params, **{k: random[k] for k in new_modules}}
-    # A separate buffer for the EMA: both are donated to the step.
-    ema = jax.tree.map(lambda p: p + 0.0, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=ema, rng=rng)
-
-  rng = jax.random.PRNGKey(config.seed)
-  shardings = state_shardings(jax.eval_shape(init, rng, initial_params), param_sh, mesh, tx)
-  state = jax.jit(init, out_shardings=shardings)(rng, initial_params)
-  return graphdef, state, shardings
-
-
-def _jit_step(step_fn, in_shardings, config, graphs, tx, schedule, state_sh, mesh):
-  """`step_fn(state, *args)` jitted with `in_shardings` (state first), the state donated."""
-  fn = functools.partial(step_fn, graphs=graphs, config=config, tx=tx, schedule=schedule)
-  return jax.jit(sharding.with_mesh(fn, mesh), in_shardings=in_shardings,
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-
-
-def jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh):
-  """`train_step` jitted with in/out shardings and the state donated.
-
-  Returns:
-    f(state, frozen, batch) -> (state, metrics); lower/compile it ahead of time with
-    `f.lower(...).compile()` to time compilation separately.
-  """
-  return _jit_step(train_step, (state_sh, frozen_sh, sharding.batch_sharding(mesh)), config,
-                   graphs, tx, schedule, state_sh, mesh)
-
-
-def jit_distill_step(config, graphs, tx, schedule, state_sh, teacher_sh, frozen_sh, mesh):
-  """`distill_step` jitted with in/out shardings and the state donated.
-
-  Args:
-    config: a one-step run config (`config.distill`, `config.objective`, ...).
-    graphs: `Graphs` with `denoiser` = the student (one_step=True) and `teacher` = the multistep
-      denoiser graph.
-    tx, schedule: `make_optimizer(config.optim)`.
-    state_sh: shardings of the student `TrainState` (`create_train_state`'s third output).
-    teacher_sh: shardings of the teacher parameters (e.g. `sharding.param_shardings` of its
-      abstract params, or `jax.tree.map(lambda x: x.sharding, teacher_params)`).
-    frozen_sh: shardings of {'encoder', 'autoencoder'} params.
-    mesh: the Mesh.
-  Returns:
-    f(state, teacher_params, frozen, batch) -> (state, metrics); per call with RCGM (N = 2): the
-    equivalent of 2 teacher forwards and 2 student forwards + backward on B samples, plus 2
-    student forwards without gradient. `f.lower(...).compile()` compiles ahead of time.
-  """
-  return _jit_step(distill_step,
-                   (state_sh, teacher_sh, frozen_sh, sharding.batch_sharding(mesh)), config,
-                   graphs, tx, schedule, state_sh, mesh)

@@ -5,8 +5,9 @@
 once and passed to every step). Order of work:
   1. checks that need no compute: config values, workdir, mesh vs devices, batch vs mesh, the saved
      config of an existing checkpoint, the frozen-weight paths;
-  2. frozen networks (loaded sharded), the teacher (one-step), the train state (created sharded),
-     the data iterator;
+  2. the run (`builder.build`: frozen networks loaded sharded, the teacher of one-step runs, the
+     train state created sharded, the jitted steps; its parameter table logged), the data
+     iterator;
   3. restore of the latest checkpoint (state and iterator) if there is one;
   4. the step, compiled ahead of time (compile time logged apart from throughput);
   5. the loop: steps, metrics every `log_every_steps`, validation samples (the sampler of
@@ -22,15 +23,15 @@ import tempfile
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
+from clu import parameter_overview
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from vosr_jax import checkpoint, cli_utils, logging_utils, metrics, models, objectives
-from vosr_jax import sampling, sharding, steps
+from vosr_jax import builder, checkpoint, cli_utils, logging_utils, metrics, models, objectives
+from vosr_jax import perf, sampling, sharding, steps
 from vosr_jax.data import pipeline
 from vosr_jax.models import dit
 
@@ -135,14 +136,6 @@ def check_workdir(workdir):
         from e
 
 
-def _per_device_flops(compiled):
-  """FLOPs of one call of a compiled program per device, from XLA's cost analysis (or None)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def _host(x):
   """The host value of a replicated global array (every process holds all of it)."""
   return np.asarray(x.addressable_data(0))
@@ -158,8 +151,10 @@ class Validator:
   with that seed) super-resolved with the EMA model by the sampler of `python -m vosr_jax.sample`
   (`sampling.super_resolve` with `config.sampling`); writes LR | SR | HR rows and PSNR/SSIM."""
 
-  def __init__(self, config, graphs, param_sh, frozen_sh, mesh):
+  def __init__(self, config, run):
+    """`run`: the `builder.Run` of `config` (its mesh, graphs and shardings)."""
     self.config = config
+    mesh = run.mesh
     data_config = config.data.copy_and_resolve_references()
     data_config.num_workers = 0
     data_config.seed = config.eval.seed
@@ -178,8 +173,8 @@ class Validator:
     kwargs = models.denoiser_kwargs(config.model)
     self.one_step = dit.is_one_step(kwargs)
     self.settings = sampling.Settings.from_config(config.sampling, self.one_step)
-    self._graphs, self._patch_size = graphs, kwargs["patch_size"]
-    self._shardings, self._fn = (param_sh, frozen_sh, rep, rep), None
+    self._graphs, self._patch_size = run.graphs, kwargs["patch_size"]
+    self._shardings, self._fn = (run.state_sh.ema_params, run.frozen_sh, rep, rep), None
 
   def networks(self, frozen):
     """The `sampling.Networks` of the trained denoiser with the frozen networks `frozen`."""
@@ -221,57 +216,6 @@ class Validator:
     return scores
 
 
-def _frozen_networks(config, mesh, dtype):
-  """Frozen encoder and autoencoder, loaded onto `mesh`: (graphdefs, params, shardings)."""
-  def shard(abstract):
-    return sharding.param_shardings(abstract, mesh, config.sharding_rules)
-
-  enc_graph, enc_params = models.build_encoder(config.encoder, dtype, shard)
-  ae_graph, ae_params = models.build_autoencoder(config.autoencoder, shard)
-  frozen = {"encoder": enc_params, "autoencoder": ae_params}
-  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  return enc_graph, ae_graph, frozen, frozen_sh
-
-
-def teacher_model_config(model_config):
-  """`config.model` of the multistep denoiser behind a model config: without the r embedder."""
-  out = ml_collections.ConfigDict(model_config.to_dict())
-  out.overrides.one_step = False
-  return out
-
-
-def load_multistep_ema(config, abstract, mesh):
-  """Loads the multistep denoiser of `config.model.path` onto the parameter shardings of `mesh`.
-
-  `config.model.path` is a training workdir (the EMA of its latest checkpoint) or a converted
-  checkpoint of kind 'dit' (`checkpoint.resolve`), whose constructor arguments must be those of
-  `config.model` as a multistep model (one_step=False).
-
-  Args:
-    config: the run config.
-    abstract: abstract parameters (nnx.State of ShapeDtypeStructs) of the multistep denoiser.
-    mesh: the Mesh.
-  Returns:
-    The parameters (pure dict of sharded arrays).
-  Raises:
-    FileNotFoundError, ValueError naming config.model.path: a missing or mismatched checkpoint.
-  """
-  param_sh = sharding.param_shardings(abstract, mesh, config.sharding_rules)
-  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        abstract.to_pure_dict(), param_sh)
-  key = f"config.model.path={config.model.path!r}"
-  want = teacher_model_config(config.model)
-  missing = FileNotFoundError(
-      f"{key}: neither a training workdir (with checkpoints/) nor a converted denoiser "
-      "checkpoint. Train one with configs/multistep.py or convert the official weights with "
-      "`python -m vosr_jax.convert --kind=dit`.")
-  denoiser = models.load_denoiser(
-      config.model.path, label=key, missing=missing, dtype=models.compute_dtype(config.dtype),
-      model_config=want, want=models.denoiser_kwargs(want), target=target)
-  logging.info("Multistep denoiser: %s.", denoiser.source)
-  return denoiser.params
-
-
 def run(config, workdir):
   """Trains `config` in `workdir` until `config.total_steps` or SIGTERM.
 
@@ -301,27 +245,13 @@ def _run(config, workdir, stop):
                      f"per-device batch {per_device} (config.batch_size={config.batch_size} over "
                      f"{sharding.batch_size_per_step(mesh)} data-parallel devices)")
   ckpt = checkpoint.TrainCheckpointer(workdir, config)
-  dtype = models.compute_dtype(config.dtype)
   logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
-  def make_denoiser(rngs):
-    return models.build_denoiser(config.model, rngs, dtype)
-
-  # The multistep denoiser: the initialisation of multistep fine-tuning, or the frozen teacher
-  # and the student's initialisation (all but its r embedder) of one-step distillation.
-  multistep = nnx.split(nnx.eval_shape(lambda: models.build_denoiser(
-      teacher_model_config(config.model), nnx.Rngs(0), dtype)), nnx.Param)
-  initial_params = load_multistep_ema(config, multistep[1], mesh) \
-      if config.model.init == "checkpoint" else None
-  enc_graph, ae_graph, frozen, frozen_sh = _frozen_networks(config, mesh, dtype)
-  tx, schedule = steps.make_optimizer(config.optim)
-  onestep = config.kind == "onestep"
-  graphdef, state, state_sh = steps.create_train_state(
-      make_denoiser, config, mesh, tx, initial_params,
-      new_modules=("r_embedder",) if onestep else ())
-  graphs = steps.Graphs(denoiser=graphdef, encoder=enc_graph, autoencoder=ae_graph,
-                        teacher=multistep[0] if onestep else None)
+  built = builder.build(config, mesh)
+  state, frozen = built.state, built.frozen
+  parameter_overview.log_parameter_overview(
+      state.params, include_stats=False, msg="Denoiser parameters:", jax_logging_process=0)
   data_iter = pipeline.make_train_iterator(config.data, config.batch_size // jax.process_count())
 
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -335,21 +265,12 @@ def _run(config, workdir, stop):
   # Rows after the restored step come from a run that was stopped before its next checkpoint:
   # they are computed again from here.
   writer = logging_utils.MetricWriter(workdir, resume_step=step)
-  validator = Validator(config, graphs, state_sh.ema_params, frozen_sh, mesh) \
-      if config.eval.every_steps else None
-  if onestep:
-    # `initial_params` stays as it was loaded: the teacher (the state holds its own copies).
-    frozen_args = (initial_params, frozen)
-    train_step = steps.jit_distill_step(config, graphs, tx, schedule, state_sh,
-                                        jax.tree.map(lambda x: x.sharding, initial_params),
-                                        frozen_sh, mesh)
-  else:
-    frozen_args = (frozen,)
-    train_step = steps.jit_train_step(config, graphs, tx, schedule, state_sh, frozen_sh, mesh)
+  validator = Validator(config, built) if config.eval.every_steps else None
+  frozen_args = built.frozen_args
   batch = sharding.shard_batch(next(data_iter), mesh)
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, *frozen_args, batch).compile()
-  flops = _per_device_flops(compiled)
+  compiled = built.train_step.lower(state, *frozen_args, batch).compile()
+  flops = perf.flops(compiled)
   writer.write_scalars(step, {"perf/compile_seconds": time.perf_counter() - t0})
 
   if validator is not None and step == 0:

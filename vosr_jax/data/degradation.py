@@ -26,7 +26,6 @@ the data-dependent count would be a full-image sort per sample. Counts come from
 """
 import functools
 import math
-import time
 import types
 
 import numpy as np
@@ -367,26 +366,3 @@ def degrade(key, hq, config):
 def make_degrade(config):
   """Validates `config` once and returns the jitted `(key, hq) -> lq` of `degrade`."""
   return jax.jit(functools.partial(degrade, config=validate_config(config)))
-
-
-def benchmark_degradation(batch, size, steps, config):
-  """Times the jitted chain on a random (batch, size, size, 3) batch; compilation excluded.
-
-  Args:
-    batch, size, steps: batch size, square HQ size in pixels, timed calls (each with a new key).
-    config: degradation ConfigDict.
-  Returns:
-    dict with images_per_s, seconds_per_batch and compile_s.
-  """
-  fn = make_degrade(config)
-  key = jax.random.key(0)
-  hq = jax.random.uniform(key, (batch, size, size, 3))
-  start = time.perf_counter()
-  fn(key, hq).block_until_ready()
-  compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  for i in range(steps):
-    out = fn(jax.random.fold_in(key, i + 1), hq)
-  out.block_until_ready()
-  seconds = (time.perf_counter() - start) / steps
-  return {"images_per_s": batch / seconds, "seconds_per_batch": seconds, "compile_s": compile_s}

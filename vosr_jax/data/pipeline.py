@@ -17,7 +17,6 @@ and grain drops it: the batch is filled from the next indices, as deterministica
 """
 import collections
 import io
-import time
 
 import grain
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
+from vosr_jax import perf
 from vosr_jax.data import sources as sources_lib
 
 
@@ -233,7 +233,8 @@ def make_train_iterator(data_config, per_process_batch, *, process_index=None, p
 
 
 def benchmark_pipeline(folder, data_config, *, batch_size=16, num_batches=20, warmup_batches=2):
-  """Measures the pipeline's throughput reading the images of one folder.
+  """Measures the pipeline's throughput reading the images of one folder (`perf.time_fn` over
+  `next()` of the training iterator).
 
   Args:
     folder: a folder of images (read recursively).
@@ -244,18 +245,13 @@ def benchmark_pipeline(folder, data_config, *, batch_size=16, num_batches=20, wa
     warmup_batches: batches drawn first and not timed (worker start-up, first decodes).
 
   Returns:
-    {'images_per_s', 'seconds', 'images', 'batch_size', 'num_workers', 'resolution'}.
+    The `perf.time_fn` statistics (per batch) plus 'images_per_s' (batch_size / median),
+    'images' (timed), 'batch_size', 'num_workers', 'resolution'.
   """
   # A fresh ConfigDict: `sources` may be typed as a list-file string in `data_config`.
   config = ml_collections.ConfigDict({**data_config.to_dict(), "sources": [folder]})
   iterator = make_train_iterator(config, batch_size, process_index=0, process_count=1)
-  for _ in range(warmup_batches):
-    next(iterator)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(iterator)
-  seconds = time.perf_counter() - start
-  images = num_batches * batch_size
-  return {"images_per_s": images / seconds, "seconds": seconds, "images": images,
-          "batch_size": batch_size, "num_workers": config.num_workers,
-          "resolution": config.resolution}
+  timing = perf.time_fn(lambda: next(iterator), (), num_batches, warmup_batches)
+  return dict(**timing, images_per_s=batch_size / timing["median_s"],
+              images=num_batches * batch_size, batch_size=batch_size,
+              num_workers=config.num_workers, resolution=config.resolution)

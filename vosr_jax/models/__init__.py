@@ -4,6 +4,7 @@ Builders from config sections (configs/common.py):
   build_denoiser(config.model, rngs, dtype)        -> LightningDiT (trained; random init)
   build_encoder(config.encoder, dtype, shardings)  -> (graphdef, params) of the frozen ViT
   build_autoencoder(config.autoencoder, shardings) -> (graphdef, params) of the frozen autoencoder
+(`abstract=True`: params as ShapeDtypeStructs, nothing loaded or initialised).
 
   load_denoiser(path, ...)                         -> `Denoiser` of a workdir or converted folder
 
@@ -128,7 +129,7 @@ def load_denoiser(path, *, label, missing, dtype, model_config=None, want=None, 
 
 
 def _encoder_module(encoder_config, dtype, kwargs, rngs):
-  return vit.ViT(**kwargs, scan_blocks=encoder_config.scan, attention_impl=encoder_config.attention,
+  return vit.ViT(**kwargs, scan=encoder_config.scan, attention=encoder_config.attention,
                  dtype=dtype, rngs=rngs)
 
 
@@ -142,13 +143,15 @@ def _autoencoder_module(kind, kwargs, rngs):
   raise ValueError(f"config.autoencoder.kind={kind!r} must be 'pixel', 'sd21' or 'qwen2d'")
 
 
-def build_encoder(encoder_config, dtype, shardings=None):
+def build_encoder(encoder_config, dtype, shardings=None, *, abstract=False):
   """The frozen ViT encoder of `config.encoder`.
 
   Args:
     encoder_config: `config.encoder` (`variant`, `init`, `path`, `scan`, `attention`, `seed`).
     dtype: compute dtype.
     shardings: optional nnx.State -> pytree of shardings (see `sharding.param_shardings`).
+    abstract: params as ShapeDtypeStructs with `shardings`: nothing is loaded or initialised (a
+      converted checkpoint's metadata is still read for the constructor arguments).
   Returns:
     (graphdef, params) with params a nested dict of arrays placed with `shardings`.
   """
@@ -156,17 +159,19 @@ def build_encoder(encoder_config, dtype, shardings=None):
     return _encoder_module(encoder_config, dtype, kwargs, rngs)
 
   variant = dict(vit.VARIANTS[encoder_config.variant])
-  # A converted encoder may keep fewer blocks (`vit.params_from_torch(keep_blocks=...)`): its depth is not checked.
-  return _frozen("encoder", encoder_config, "vit", variant, make, shardings,
+  # A converted encoder may keep fewer blocks (`vit.params_from_torch(keep_blocks=...)`): its
+  # depth is not checked.
+  return _frozen("encoder", encoder_config, "vit", variant, make, shardings, abstract,
                  want={k: variant[k] for k in ("hidden_size", "num_heads")})
 
 
-def build_autoencoder(autoencoder_config, shardings=None):
+def build_autoencoder(autoencoder_config, shardings=None, *, abstract=False):
   """The frozen autoencoder of `config.autoencoder` (kind 'pixel', 'sd21' or 'qwen2d').
 
   Args:
     autoencoder_config: `config.autoencoder` (`kind`, `variant`, `init`, `path`, `seed`).
     shardings: optional nnx.State -> pytree of shardings.
+    abstract: as in `build_encoder`.
   Returns:
     (graphdef, params); the module has `encode(images, key)` and `decode(latents)`.
   """
@@ -180,19 +185,24 @@ def build_autoencoder(autoencoder_config, shardings=None):
                      f"{sorted(variants)} (kind {kind!r})")
   return _frozen("autoencoder", autoencoder_config, kind,
                  dict(variants[autoencoder_config.variant]),
-                 lambda kwargs, rngs: _autoencoder_module(kind, kwargs, rngs), shardings)
+                 lambda kwargs, rngs: _autoencoder_module(kind, kwargs, rngs), shardings,
+                 abstract)
 
 
-def _frozen(section, cfg, kind, variant_kwargs, make, shardings, want=None):
-  """Loads (or, with init == 'random', initialises) a frozen network as (graphdef, params).
+def _frozen(section, cfg, kind, variant_kwargs, make, shardings, abstract, want=None):
+  """Loads (or, with init == 'random', initialises) a frozen network as (graphdef, params); with
+  `abstract`, params are ShapeDtypeStructs placed with `shardings` (nothing loaded).
 
   A converted checkpoint is built from its own metadata kwargs, which must agree with `want`
   (default: `variant_kwargs`, those of `config.<section>.variant`)."""
   if cfg.init not in INITS:
     raise ValueError(f"config.{section}.init={cfg.init!r} must be one of {INITS}")
   if cfg.init == "random":
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(variant_kwargs, nnx.Rngs(0))))
-    target = shardings(abstract) if shardings is not None else None
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: make(variant_kwargs,
+                                                                     nnx.Rngs(0))))
+    if abstract:
+      return graphdef, checkpoint.abstract_target(abstract_state, shardings)
+    target = shardings(abstract_state) if shardings is not None else None
     logging.warning("=" * 80 + "\nconfig.%s.init='random': the FROZEN %s has RANDOM weights. "
                     "Results are meaningless except for tests and benchmarks.\n" + "=" * 80,
                     section, kind)
@@ -209,7 +219,7 @@ def _frozen(section, cfg, kind, variant_kwargs, make, shardings, want=None):
         f"set config.{section}.init='random' for a test run.")
   graphdef, params, _ = checkpoint.load_network(
       found.path, make, kind=kind, label=f"config.{section}.path={found.path}",
-      want=variant_kwargs if want is None else want, shardings=shardings)
+      want=variant_kwargs if want is None else want, shardings=shardings, abstract=abstract)
   return graphdef, params
 
 

@@ -17,6 +17,7 @@ Differences from the official code, all compatible with its checkpoints:
 """
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,7 +229,7 @@ class LightningDiT(nnx.Module):
       raise ValueError(f"dit.py: tokens {tokens.shape} must be ({b}, M, {self.enc_dim})")
     h, w = hh // p, ww // p
     x = jnp.concatenate([lr_latent, z_t], axis=-1)
-    x = x.reshape(b, h, p, w, p, 2 * c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, -1)
+    x = einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)  # patchify
     x = self.x_embedder(x).astype(jnp.float32)  # float32 residual stream (module docstring)
 
     c_vec = self._conditioning(t, r)
@@ -237,8 +238,8 @@ class LightningDiT(nnx.Module):
     rope = rope_tables((h, w), self.head_dim, self.rope_grid)
     x = self._run_blocks(x, c0, cond, rope)
 
-    x = self.final_layer(x, c_vec).reshape(b, h, w, p, p, c)
-    out = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c).astype(jnp.float32)
+    out = einops.rearrange(self.final_layer(x, c_vec), "b (h w) (p q c) -> b (h p) (w q) c",
+                           h=h, p=p, q=p).astype(jnp.float32)  # unpatchify
     if self.prediction == "x":
       out = x_to_velocity(z_t.astype(jnp.float32), out, t)
     elif self.prediction == "x_skip":

@@ -9,6 +9,7 @@ Every parameter carries logical axis names (see `vosr_jax.sharding` for the mapp
 """
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,11 +244,11 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x, rope):
     """x: (B, N, D), rope: (cos, sin) tables (N, hd) -> (B, N, D)."""
-    b, n, d = x.shape
-    q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, n, 3, self.num_heads, -1), 2, 0)
+    q, k, v = einops.rearrange(self.qkv(x), "b n qkv (h d) -> qkv b n h d", h=self.num_heads)
     q = apply_rope(self.q_norm(q), rope)
     k = apply_rope(self.k_norm(k), rope)
-    return self.proj(dot_product_attention(q, k, v, self.attention).reshape(b, n, d))
+    out = dot_product_attention(q, k, v, self.attention)
+    return self.proj(einops.rearrange(out, "b n h d -> b n (h d)"))
 
 
 class CrossAttention(nnx.Module):
@@ -264,11 +265,10 @@ class CrossAttention(nnx.Module):
 
   def __call__(self, x, cond):
     """x: (B, N, D), cond: (B, M, D) -> (B, N, D)."""
-    b, n, d = x.shape
-    q = self.q_norm(self.q_linear(x).reshape(b, n, self.num_heads, -1))
-    k, v = jnp.moveaxis(self.kv_linear(cond).reshape(b, cond.shape[1], 2, self.num_heads, -1), 2, 0)
+    q = self.q_norm(einops.rearrange(self.q_linear(x), "b n (h d) -> b n h d", h=self.num_heads))
+    k, v = einops.rearrange(self.kv_linear(cond), "b m kv (h d) -> kv b m h d", h=self.num_heads)
     out = dot_product_attention(q, self.k_norm(k), v, self.attention)
-    return self.proj(out.reshape(b, n, d))
+    return self.proj(einops.rearrange(out, "b n h d -> b n (h d)"))
 
 
 class SwiGLU(nnx.Module):

@@ -19,6 +19,7 @@ All three return the stored table unchanged when the input grid equals the pretr
 import math
 import re
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,11 +60,11 @@ class Block(nnx.Module):
   LayerNorms and the softmax run in float32, the matmuls in `dtype`; the residual stream is float32.
   """
 
-  def __init__(self, hidden_size, num_heads, mlp_hidden, layerscale_init, dtype, attention_impl,
+  def __init__(self, hidden_size, num_heads, mlp_hidden, layerscale_init, dtype, attention,
                *, rngs):
     self.num_heads = num_heads
     self.dtype = dtype
-    self.attention_impl = attention_impl
+    self.attention = attention
     layerscale = init_with_axes(nnx.initializers.constant(layerscale_init), "embed")
     kw = dict(dtype=dtype, rngs=rngs, init=_TRUNC_NORMAL)
     self.norm1 = _ln(hidden_size, rngs)
@@ -77,12 +78,12 @@ class Block(nnx.Module):
 
   def __call__(self, x):
     """x: (B, N, D) float32 -> (B, N, D) float32."""
-    b, n, d = x.shape
     h = self.norm1(x).astype(self.dtype)
     # qkv output order is [q; k; v], each split as (heads, head_dim), as in the hub's fused Linear.
-    q, k, v = jnp.split(self.qkv(h).reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, 2)
-    a = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention_impl)
-    x = x + self.ls1[...] * self.proj(a.reshape(b, n, d)).astype(jnp.float32)
+    q, k, v = einops.rearrange(self.qkv(h), "b n (qkv h d) -> qkv b n h d", qkv=3,
+                               h=self.num_heads)
+    a = einops.rearrange(dot_product_attention(q, k, v, self.attention), "b n h d -> b n (h d)")
+    x = x + self.ls1[...] * self.proj(a).astype(jnp.float32)
     h = self.norm2(x).astype(self.dtype)
     h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=False))
     return x + self.ls2[...] * h.astype(jnp.float32)
@@ -141,7 +142,7 @@ class ViT(nnx.Module):
 
   def __init__(self, *, patch_size=14, hidden_size, depth, num_heads, mlp_ratio=4.0,
                num_register_tokens=0, pretrain_grid=37, layerscale_init=1.0,
-               pos_interpolation="hub", scan_blocks=True, attention_impl=None,
+               pos_interpolation="hub", scan=True, attention=None,
                dtype=jnp.float32, rngs):
     """Builds the encoder.
 
@@ -153,8 +154,8 @@ class ViT(nnx.Module):
       pretrain_grid: side M of the stored positional table (37 for the 518 px hub models).
       layerscale_init: initial LayerScale value.
       pos_interpolation: "hub" | "hf" | "antialias" (see the module docstring).
-      scan_blocks: run the blocks with lax.scan (compile once) instead of an unrolled loop.
-      attention_impl: `layers.dot_product_attention` implementation (None: "explicit" on CPU, else
+      scan: run the blocks with lax.scan (compile once) instead of an unrolled loop.
+      attention: `layers.dot_product_attention` implementation (None: "explicit" on CPU, else
         "xla"; or "xla", "cudnn", "explicit").
       dtype: matmul compute dtype; LayerNorm, softmax, the residual stream and outputs stay float32.
       rngs: nnx.Rngs with a 'params' stream.
@@ -171,7 +172,7 @@ class ViT(nnx.Module):
     self.num_register_tokens = num_register_tokens
     self.pretrain_grid = pretrain_grid
     self.pos_interpolation = pos_interpolation
-    self.scan_blocks = scan_blocks
+    self.scan = scan
     self.dtype = dtype
     self.patch_embed = conv(3, hidden_size, patch_size, (None, None, "conv_in", "embed"),
                             strides=patch_size, padding="VALID", dtype=dtype, rngs=rngs,
@@ -188,7 +189,7 @@ class ViT(nnx.Module):
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
-      return Block(hidden_size, num_heads, mlp_hidden, layerscale_init, dtype, attention_impl,
+      return Block(hidden_size, num_heads, mlp_hidden, layerscale_init, dtype, attention,
                    rngs=rngs)
 
     self.blocks = make_blocks(rngs)
@@ -210,7 +211,7 @@ class ViT(nnx.Module):
     """Applies blocks 0..n-1 to x (B, T, D); blocks n.. are neither sliced in nor computed."""
     graphdef, state = nnx.split(self.blocks)
     state = jax.tree.map(lambda a: a[:n], state)
-    if self.scan_blocks:
+    if self.scan:
       def body(h, block_state):
         return nnx.merge(graphdef, block_state)(h), None
       return jax.lax.scan(body, x, state)[0]
