@@ -113,6 +113,9 @@ def demo_overrides(config):
   # would be as large as the pixel detail the demo's residual holds.
   config.objective.cond_strength_mu = 10.0
   config.objective.loss_space = "x"
+  # The loss in pixel units (the local scale squared over its batch mean), where PSNR measures the
+  # error: flat regions, whose residual is tiny, do not outweigh edges.
+  config.objective.loss_scale_power = 2.0
   config.log_every_steps = 25
   config.checkpoint.every_steps = 1000  # And at the last step.
   config.eval.every_steps = 0  # Held-out evaluation is `make demo`'s sample + evaluate.
