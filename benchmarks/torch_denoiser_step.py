@@ -1,10 +1,11 @@
 """The PyTorch side of the CPU denoiser-step comparison (README "Performance").
 
-Times one training step of the spec-written PyTorch LightningDiT (tests/torch_reference.py, the
-reference the JAX denoiser is checked against; attention through F.scaled_dot_product_attention as
-in the official code) at the shapes of `configs/multistep.py:bench-small`, doing what
-`python -m vosr_jax.bench --what=denoiser` does: forward, velocity MSE, backward, global-norm clip,
-AdamW. Prints one JSON record like the JAX bench (median, min, max over --steps after --warmup).
+Times one training step of the PyTorch LightningDiT written from docs/official.md §1
+(tests/torch_reference.py, the reference the JAX denoiser is checked against; attention through
+F.scaled_dot_product_attention as in the official code) at the shapes of
+`configs/multistep.py:bench-small`, doing what `python -m vosr_jax.bench --what=denoiser` does:
+forward, velocity MSE, backward, global-norm clip, AdamW. Prints one JSON record like the JAX bench
+(median, min, max over --steps after --warmup).
 
   .venv/bin/python benchmarks/torch_denoiser_step.py --threads=2 --steps=10
 """

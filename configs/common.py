@@ -36,7 +36,7 @@ def parse_arg(arg, **defaults):
 
 
 def get_base_config():
-  """The full set of training fields with the official multistep values (VOSR_SPEC.md §4)."""
+  """The full set of training fields with the official multistep values (docs/official.md §4)."""
   config = ml_collections.ConfigDict()
   # 'multistep' (flow matching, configs/multistep.py) or 'onestep' (distillation of a multistep
   # teacher into a one-step student, configs/onestep.py, which adds the `distill` section).
@@ -130,7 +130,7 @@ def get_base_config():
   config.eval.seed = 1234  # Picks and degrades the validation crops, and draws the noise.
   config.eval.crop_border = 4  # PSNR/SSIM border crop (the x4 BasicSR convention).
   # How validation samples: the sampler of `python -m vosr_jax.sample` with these settings (the
-  # multistep YAMLs' eval guidance, spec §8.6).
+  # multistep YAMLs' eval guidance, docs/official.md §8.6).
   config.sampling = sampling_config.get_config("realsr")
 
   config.data = data_config.get_config()

@@ -18,7 +18,7 @@ def get_config():
   # False: source k is drawn with probability weight_k / sum(weights) (official webdataset mode).
   # True: with probability weight_k * size_k / sum (official txt mode, each list repeated weight x).
   config.weight_by_size = False
-  config.resolution = 512  # HQ crop size in pixels (spec 7.2).
+  config.resolution = 512  # HQ crop size in pixels (docs/official.md §7.2).
   config.flip = False  # Random horizontal flips; the official code has none.
   config.shuffle = True  # Shuffle each source, reshuffled every epoch.
   config.seed = 0  # Shuffle and crop randomness: batches are a function of (seed, process, step).

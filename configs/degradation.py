@@ -1,4 +1,5 @@
-"""Real-ESRGAN degradation config for `vosr_jax.data.degradation`: params_realsr.yml (spec 7.1).
+"""Real-ESRGAN degradation config for `vosr_jax.data.degradation`: params_realsr.yml
+(docs/official.md §7.1).
 
 Train configs include it as `config.degradation = degradation.get_config()`; override fields with
 e.g. `--config.degradation.per_sample=False` (kernels, scales, modes and branch choices drawn once

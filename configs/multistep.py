@@ -33,7 +33,7 @@ def variant_config(variant):
   """The unlocked multistep config of `variant` (configs/onestep.py builds on it)."""
   config = common.get_base_config()
   if variant == "0.5b":
-    # The shipped 0.5B YAML fine-tunes the released multistep EMA (VOSR_SPEC.md §4.3).
+    # The shipped 0.5B YAML fine-tunes the released multistep EMA (docs/official.md §4.3).
     config.model.init = "checkpoint"
   elif variant == "1.4b":
     config.model.variant = "1.4b"

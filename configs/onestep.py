@@ -1,5 +1,6 @@
-r"""One-step VOSR distillation (VOSR_SPEC.md §5): a student with an `r` embedder learns the average
-velocity u(z_t, t, r) from a frozen multistep teacher with restoration guidance (RCGM or shortcut).
+r"""One-step VOSR distillation (docs/official.md §5): a student with an `r` embedder learns the
+average velocity u(z_t, t, r) from a frozen multistep teacher with restoration guidance (RCGM or
+shortcut).
 
 The teacher, and the student's initial parameters, are the EMA of a multistep denoiser at
 `config.model.path`: a training workdir of configs/multistep.py (its latest checkpoint) or a
@@ -34,7 +35,7 @@ def get_config(arg="0.5b"):
   config.kind = "onestep"
   config.model.init = "checkpoint"  # The teacher; always a checkpoint (config.model.path).
   config.model.overrides.one_step = True  # The student has the r embedder.
-  config.objective.weak_strength_range = (0.1, 0.1)  # Fixed weak strength (spec §5.1).
+  config.objective.weak_strength_range = (0.1, 0.1)  # Fixed weak strength (docs/official.md §5.1).
   config.batch_size = 32
   config.total_steps = 100_001
   config.optim.lr = 2e-5

@@ -5,7 +5,7 @@ Presets (`get_config(PRESET)`; `python -m vosr_jax.sample --preset=PRESET`):
   default   the official README's practical guidance 0.5, the official weak strength and steps.
   screensr  the paper's ScreenSR setting: the same as default.
   realsr    the paper's RealSR setting: guidance -0.5 (also the official multistep YAMLs' eval
-            value, VOSR_SPEC.md §8.6).
+            value, docs/official.md §8.6).
   demo      `make demo`: no guidance (1.0), 64 px denoiser tiles overlapping 16 px, no colour fix.
 """
 import ml_collections

@@ -1,4 +1,5 @@
-"""A small PyTorch Qwen-Image 2D VAE written from VOSR_SPEC.md §3.3, for tests only.
+"""A small PyTorch Qwen-Image 2D VAE written from the official code's description in
+docs/official.md §3.3, for tests only.
 
 Official key names (`encoder.down_blocks.{i}`, `mid_block.resnets.{i}`, `resample.1`, `gamma` of
 shape (C, 1, 1), ...), NCHW tensors, images in [-1, 1].

@@ -1,4 +1,4 @@
-"""One-step distillation (spec §5): objectives against closed-form flows, the student's
+"""One-step distillation (docs/official.md §5): objectives against closed-form flows, the student's
 initialisation from the teacher, teacher checks, and distillation end to end on `tiny`."""
 import dataclasses
 

@@ -1,4 +1,5 @@
-"""The JAX LightningDiT against torch_reference, a PyTorch one written from VOSR_SPEC.md §1."""
+"""The JAX LightningDiT against torch_reference, a PyTorch one written from the
+official code's description in docs/official.md §1."""
 import math
 
 import jax
@@ -182,7 +183,8 @@ def test_official_parameter_counts(variant, one_step, count):
 
 
 def test_official_0_5b_key_set_converts():
-  """Every key and shape of an official 0.5B state dict (spec §1.2; 2 of 28 blocks) maps."""
+  """Every key and shape of an official 0.5B state dict (docs/official.md §1.2; 2 of 28 blocks)
+  maps."""
   d, enc, c, hid = 1024, 768, 4, 2730
   shapes = {"x_embedder.proj.weight": (d, 2 * c, 2, 2), "x_embedder.proj.bias": (d,),
             "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),

@@ -1,4 +1,5 @@
-"""Flow-matching objective: interpolation, targets, guidance set, time sampling (spec §4.2)."""
+"""Flow-matching objective: interpolation, targets, guidance set, time sampling
+(docs/official.md §4.2)."""
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -1,4 +1,5 @@
-"""Qwen-Image 2D VAE: parity with a PyTorch reference written from the spec, and the key mapping."""
+"""Qwen-Image 2D VAE: parity with a PyTorch reference written from the official code's description
+(docs/official.md §3.3), and the key mapping."""
 import json
 
 import jax

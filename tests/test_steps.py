@@ -45,7 +45,7 @@ def test_initial_state(setup):
   for p, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
     np.testing.assert_array_equal(p, e)
     assert p.dtype == jnp.float32
-  # The final layer is zero-initialised (spec 1.5): the untrained model predicts 0.
+  # The final layer is zero-initialised (docs/official.md §1.5): the untrained model predicts 0.
   assert not np.any(np.asarray(state.params["final_layer"]["linear"]["kernel"]))
 
 

@@ -1,4 +1,5 @@
-"""A small PyTorch LightningDiT written from VOSR_SPEC.md §1, with the official state-dict keys.
+"""A small PyTorch LightningDiT written from the official code's description in
+docs/official.md §1, with the official state-dict keys.
 
 It is the reference the JAX denoiser is checked against: NCHW, square grids only, RoPE tables
 rebuilt for the input's grid as the official `forward_flexible` does, `feat_rope.freqs_*` buffers

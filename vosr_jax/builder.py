@@ -195,7 +195,7 @@ def _train_state(make_denoiser, config, mesh, tx, initial_params, new_modules, a
     initial_params: optional pretrained parameters (pure dict, already sharded); None initialises
       randomly from `config.seed`. The EMA starts as a copy of the initial parameters.
     new_modules: top-level modules that `initial_params` lacks and that keep their random
-      initialisation (the one-step student's `r_embedder`, spec §5.1).
+      initialisation (the one-step student's `r_embedder`, docs/official.md §5.1).
     abstract: return the state as ShapeDtypeStructs with shardings (nothing computed).
   Returns:
     (graphdef, state, shardings): the denoiser graph, the `TrainState`, its shardings.

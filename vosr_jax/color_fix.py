@@ -1,4 +1,5 @@
-"""Colour correction of super-resolved images against the upscaled LR input (VOSR_SPEC.md §6.1).
+"""Colour correction of super-resolved images against the upscaled LR input
+(docs/official.md §6.1).
 
 Both fixes work on float images in [0, 1] (NHWC) and return [0, 1]. Unlike the official scripts,
 they run on the float decoder output, not on an 8-bit truncated copy of it.

@@ -29,7 +29,7 @@ from flax import nnx
 from vosr_jax import checkpoint, models, objectives, perf, sampling
 from vosr_jax.models import qwen_vae, vae, vit
 
-# Official VOSR tap layers by DINOv2 width (VOSR_SPEC.md §2), for converted encoders whose
+# Official VOSR tap layers by DINOv2 width (docs/official.md §2), for converted encoders whose
 # metadata does not name one.
 OFFICIAL_TAP_LAYERS = {768: 8, 1024: 17}
 OFFICIAL_ENCODER_SIZE = 448
@@ -110,7 +110,7 @@ def _converted_autoencoder(found, path):
   params = {"vae": kl_params}
   light = None
   if "light_decoder" in found:
-    # Official inference decodes with the LightDecoder (VOSR_SPEC.md §3.2).
+    # Official inference decodes with the LightDecoder (docs/official.md §3.2).
     light_graph, params["light_decoder"], _ = _load(
         found["light_decoder"], lambda kw, rngs: vae.LightDecoder(**kw, rngs=rngs))
     light = nnx.merge(light_graph, params["light_decoder"])

@@ -1,4 +1,4 @@
-"""Flow-matching objectives (VOSR_SPEC.md §4.2): pure functions of keys, latents and a config.
+"""Flow-matching objectives (docs/official.md §4.2): pure functions of keys, latents and a config.
 
 Conventions: latents NHWC; flow time t in [0, 1] with t = 1 pure noise; `z_t = (1 - t) x + t eps`;
 the network predicts the velocity `eps - x`.
@@ -16,8 +16,8 @@ Every objective has the shape of kvfrans/shortcut-models' `get_targets`:
 the keyword dict the denoiser is called with (`z_t`, `lr_latent`, `t`, `tokens`, and `r` for
 one-step students); `target` has z_t's shape; `info` holds scalars for logging.
 
-One-step distillation (spec §5) needs the student's own prediction to build its target (RCGM
-corrects the gradient-stopped u), so its entry point is a loss rather than a target:
+One-step distillation (docs/official.md §5) needs the student's own prediction to build its target
+(RCGM corrects the gradient-stopped u), so its entry point is a loss rather than a target:
 
     distill_loss(key, config, distill_config, latents, teacher, student, student_target)
       -> (loss, info)
@@ -284,7 +284,7 @@ def loss_weight(config, t, lr_latent):
 
 
 # ------------------------------------------------------------------------------------------------
-# One-step distillation (spec §5). `distill_config` is `config.distill`.
+# One-step distillation (docs/official.md §5). `distill_config` is `config.distill`.
 
 def distill_times(key, batch, distill_config):
   """(t, r) per sample: t = max(u1, u2) (density 2t), r = t (1 - g), g ~ Beta(beta_a, beta_b).
@@ -318,7 +318,7 @@ def guided_target(v_cond, v_weak, t, distill_config):
 
 
 def rcgm_target(student_target, inputs, v, u, distill_config):
-  """RCGM average-velocity target (`loss_fm_distill_rcgm_improved`, spec §5.3).
+  """RCGM average-velocity target (`loss_fm_distill_rcgm_improved`, docs/official.md §5.3).
 
   One step of length Delta = t - t_m (t_m = max(t - delta, r)) along the teacher velocity `v`,
   then N Euler sub-steps of the student's average velocity from t_m to r accumulate F; the
@@ -361,7 +361,7 @@ def rcgm_target(student_target, inputs, v, u, distill_config):
 
 
 def shortcut_target(student_target, inputs, v, u, distill_config):
-  """Shortcut self-consistency target (`loss_fm_distill_shortcut_improved`, spec §5.4).
+  """Shortcut self-consistency target (`loss_fm_distill_shortcut_improved`, docs/official.md §5.4).
 
   Two half jumps of the student, t -> m = (t + r) / 2 -> r; the target is their mean velocity.
   Same signature as `rcgm_target` (`v`, `u` and `distill_config` are not used).
@@ -382,7 +382,7 @@ DISTILL_TARGETS = {"rcgm": rcgm_target, "shortcut": shortcut_target}
 
 
 def distill_inputs(key, config, distill_config, latents, teacher):
-  """The part of distillation shared by both targets (spec §5.2).
+  """The part of distillation shared by both targets (docs/official.md §5.2).
 
   Args:
     key: PRNG key; split into time, noise and condition keys.
@@ -421,7 +421,7 @@ def distill_inputs(key, config, distill_config, latents, teacher):
 
 
 def distill_loss(key, config, distill_config, latents, teacher, student, student_target):
-  """One-step distillation loss v_loss + u_weight * u_loss (spec §5.2-5.4).
+  """One-step distillation loss v_loss + u_weight * u_loss (docs/official.md §5.2-5.4).
 
   v_loss = mean((S(z_t, t, r=t) - v)^2) (the instantaneous velocity, the r-term vanishes);
   u_loss = mean((S(z_t, t, r) - target)^2) with the `distill_type` target. The two student

@@ -1,5 +1,5 @@
 """Samplers (guided multi-step Euler, one-step), latent tiling, tiled VAE, and the end-to-end
-super-resolution function (VOSR_SPEC.md §6).
+super-resolution function (docs/official.md §6).
 
 Layers, from the inside out:
   * a velocity function `velocity(z, lr, t, tokens, r)` (scalar t and r) wraps the denoiser
@@ -26,7 +26,8 @@ from flax import nnx
 from vosr_jax import color_fix, objectives
 from vosr_jax.models import vit
 
-# Gaussian blend weights of a tile: exp(-((y - (n-1)/2) / n)^2 / 0.02) per axis (spec §6.5).
+# Gaussian blend weights of a tile: exp(-((y - (n-1)/2) / n)^2 / 0.02) per axis
+# (docs/official.md §6.5).
 _BLEND_VARIANCE = 0.01
 
 
@@ -34,7 +35,7 @@ _BLEND_VARIANCE = 0.01
 # Velocities and the Euler loop.
 
 def guided_velocity(apply_fn, cfg_scale, weak_strength):
-  """Restoration-guided velocity v_weak + cfg * (v_cond - v_weak) (spec §6.3).
+  """Restoration-guided velocity v_weak + cfg * (v_cond - v_weak) (docs/official.md §6.3).
 
   Args:
     apply_fn: denoiser (z (B,h,w,C), lr (B,h,w,C), t (B,), tokens (B,N,D), r (B,) | None) ->
@@ -60,7 +61,8 @@ def guided_velocity(apply_fn, cfg_scale, weak_strength):
 
 
 def plain_velocity(apply_fn):
-  """The one-step student's average velocity u(z, t, r) without guidance (spec §6.4)."""
+  """The one-step student's average velocity u(z, t, r) without guidance
+  (docs/official.md §6.4)."""
   def velocity(z, lr, t, tokens, r):
     b = z.shape[0]
     return apply_fn(z, lr, jnp.full((b,), t, jnp.float32), tokens,
@@ -124,8 +126,8 @@ def _integrate(field, noise, num_steps, with_r):
 
 def sample_multistep(apply_fn, lr_latent, tokens, noise, *, num_steps, cfg_scale, weak_strength,
                      tiles=None, residual_scale=None):
-  """Guided Euler from t = 1 (noise) to 0 (spec §6.3): 2N denoiser evaluations per image (N with
-  cfg_scale 1).
+  """Guided Euler from t = 1 (noise) to 0 (docs/official.md §6.3): 2N denoiser evaluations per
+  image (N with cfg_scale 1).
 
   Args:
     apply_fn: the denoiser, see `guided_velocity`.
@@ -148,7 +150,8 @@ def sample_multistep(apply_fn, lr_latent, tokens, noise, *, num_steps, cfg_scale
 
 def sample_onestep(apply_fn, lr_latent, tokens, noise, *, num_steps, tiles=None,
                    residual_scale=None):
-  """One-step student sampling (spec §6.4): z <- z - (t_k - t_{k+1}) u(z, t_k, r = t_{k+1}).
+  """One-step student sampling (docs/official.md §6.4):
+  z <- z - (t_k - t_{k+1}) u(z, t_k, r = t_{k+1}).
 
   Args: as `sample_multistep`, without guidance. Returns: (B, h, w, C) float32 latent z_0.
   """
@@ -168,7 +171,8 @@ class Tiles:
 
 
 def _axis_starts(length, tile, overlap):
-  """range(0, L - t + 1, max(t - ov, 1)) plus L - t when the last tile stops short (spec §6.5)."""
+  """range(0, L - t + 1, max(t - ov, 1)) plus L - t when the last tile stops short
+  (docs/official.md §6.5)."""
   starts = list(range(0, length - tile + 1, max(tile - min(overlap, tile - 1), 1)))
   if starts[-1] + tile < length:
     starts.append(length - tile)
@@ -188,7 +192,8 @@ def tile_layout(grid_hw, tile, overlap):
 
 
 def denoiser_tiles(latent_hw, tile_size, tile_overlap, downsample, patch_size):
-  """The official latent tile geometry (spec §6.5) from pixel sizes; None when tiling is off.
+  """The official latent tile geometry (docs/official.md §6.5) from pixel sizes; None when tiling
+  is off.
 
   lt = max((tile_size // d // p) * p, p) latent pixels, overlap max(tile_overlap // d, lt // 8).
   Departure: a tile is lt x lt capped per axis by the latent, so a wide image keeps tiles of full
@@ -201,7 +206,7 @@ def denoiser_tiles(latent_hw, tile_size, tile_overlap, downsample, patch_size):
 
 
 def gaussian_weights(size):
-  """(h, w) float32 separable Gaussian blend weights of a tile (spec §6.5)."""
+  """(h, w) float32 separable Gaussian blend weights of a tile (docs/official.md §6.5)."""
   def axis(n):
     x = (np.arange(n) - (n - 1) / 2) / n
     return np.exp(-x * x / (2 * _BLEND_VARIANCE))

@@ -240,7 +240,8 @@ def train_step(state, frozen, batch, *, graphs, config, tx, schedule):
 
 
 def distill_step(state, teacher_params, frozen, batch, *, graphs, config, tx, schedule):
-  """One optimizer step of one-step distillation (spec §5) of the student `state.params`.
+  """One optimizer step of one-step distillation (docs/official.md §5) of the student
+  `state.params`.
 
   Per step (RCGM, `config.distill.n_steps` = N): one teacher call on 2B samples (conditional and
   weak branches), one student call with gradient on 2B samples (r = t and r), N student sub-steps

@@ -1,4 +1,4 @@
-"""Real-ESRGAN second-order degradation chain (spec 7.1), pure and jittable.
+"""Real-ESRGAN second-order degradation chain (docs/official.md §7.1), pure and jittable.
 
 `degrade(key, hq, config)` maps an HQ batch (B, H, W, 3) in [0, 1] to the LQ batch on the 8-bit
 grid: blur -> resize -> noise -> JPEG -> [blur] -> resize -> noise -> {resize + sinc, JPEG} in a

@@ -1,4 +1,4 @@
-"""The grain pipeline that turns HQ sources into batches of random crops (spec 7.2).
+"""The grain pipeline that turns HQ sources into batches of random crops (docs/official.md §7.2).
 
 Per source: index range -> this process's slice `[process_index::process_count]` -> shuffle(seed)
 -> repeat (reshuffled each epoch) -> tag with the source number; then the sources are mixed with

@@ -1,4 +1,4 @@
-"""The VOSR denoiser: a LightningDiT with DINOv2 cross-attention (VOSR_SPEC.md §1).
+"""The VOSR denoiser: a LightningDiT with DINOv2 cross-attention (docs/official.md §1).
 
 Input: the LR latent and the noisy latent z_t (NHWC, concatenated channel-wise in that order inside
 the model), the flow time t in [0, 1] (t=1 is noise), DINOv2 patch tokens of the LR image, and for
@@ -27,7 +27,8 @@ from vosr_jax.models.layers import (CrossAttention, Mlp, RMSNorm, SelfAttention,
                                     TimestepEmbedder, init_with_axes, linear, rope_tables)
 from vosr_jax.sharding import constrain_batch
 
-# Sizes: the official models (VOSR_SPEC.md §0), a 32x32-latent benchmark model, and a test model.
+# Sizes: the official models (docs/official.md §0), a 32x32-latent benchmark model, and a test
+# model.
 VARIANTS = {
     "0.5b": dict(hidden_size=1024, depth=28, num_heads=16, latent_channels=4, enc_dim=768),
     "1.4b": dict(hidden_size=1536, depth=36, num_heads=24, latent_channels=16, enc_dim=1024),
@@ -111,7 +112,7 @@ class FinalLayer(nnx.Module):
 
 
 class LightningDiT(nnx.Module):
-  """The VOSR denoiser (VOSR_SPEC.md §1); parameters in `params_from_torch`'s layout.
+  """The VOSR denoiser (docs/official.md §1); parameters in `params_from_torch`'s layout.
 
   Args:
     latent_channels: C, the VAE latent channels (input has 2C: LR latent and z_t).
@@ -376,7 +377,8 @@ def _model_kwargs(sd):
 
 
 def params_from_torch(state_dict):
-  """Maps an official VOSR denoiser state dict onto `LightningDiT` parameters (VOSR_SPEC.md §9).
+  """Maps an official VOSR denoiser state dict onto `LightningDiT` parameters
+  (docs/official.md §9).
 
   Linear weights are transposed; fused outputs ([q; k; v], [gate; value], the 6 adaLN chunks, the
   final [shift; scale]) and the stacked cross-attention [k; v] get a separate chunk axis; the

@@ -1,4 +1,5 @@
-"""The Qwen-Image 2D VAE of VOSR-1.4B (VOSR_SPEC.md §3.3), with the official-checkpoint mapping.
+"""The Qwen-Image 2D VAE of VOSR-1.4B (docs/official.md §3.3), with the official-checkpoint
+mapping.
 
 Images are NHWC in [-1, 1]; latents are NHWC with `latent_channels` (16) channels at 1/`downsample`
 (1/8) of the image resolution, normalised with the folder's `latents_mean` / `latents_std`:
@@ -10,11 +11,12 @@ resnets.{i}`, `up_blocks.{i}.upsamplers.0`, ...), so `params_from_torch` is a tr
 plus one rename: a resampler's conv is `conv` here and `resample.1` there (`resample.0` is the
 parameter-free zero pad or nearest upsampling).
 
-The encoder starts with `encoder.conv_in` (3x3, 3 -> base_dim), which the spec's table leaves out
-(diffusers' Qwen-Image/Wan encoders have it). Differences from the official code: none in what is
-computed; `attn_scales` must be empty and `dropout` zero (the released configuration; this port is a
-frozen autoencoder). The tiny model's random init is slow eagerly: build large ones with
-`nnx.eval_shape` and fill them from `params_from_torch` / `load_folder`.
+The encoder starts with `encoder.conv_in` (3x3, 3 -> base_dim) before its `down_blocks`
+(docs/official.md §3.3; diffusers' Qwen-Image/Wan encoders have it too). Differences from the
+official code: none in what is computed; `attn_scales` must be empty and `dropout` zero (the
+released configuration; this port is a frozen autoencoder). The tiny model's random init is slow
+eagerly: build large ones with `nnx.eval_shape` and fill them from `params_from_torch` /
+`load_folder`.
 """
 import glob
 import json

@@ -217,7 +217,7 @@ class KLDecoder(nnx.Module):
 
 
 class LightDecoder(KLDecoder):
-  """VOSR LightDecoder (spec 3.2): the SD decoder topology with its own channels.
+  """VOSR LightDecoder (docs/official.md §3.2): the SD decoder topology with its own channels.
 
   Defaults are the official `sd21_lwdecoder.pth` config: in 4, out 3, block_out_channels
   (64, 128, 256, 256), layers_per_block 2, GroupNorm 32 groups with eps 1e-6, SiLU. Unlike

@@ -1,4 +1,4 @@
-"""DINOv2-compatible ViT encoder (spec section 2) and its official-checkpoint key mappings.
+"""DINOv2-compatible ViT encoder (docs/official.md §2) and its official-checkpoint key mappings.
 
 The network is the DINOv2 `DinoVisionTransformer`: a patch-14 conv patch embedding, a cls token,
 optional register tokens, a learned positional table for the pretraining grid (37x37 + cls for the
@@ -131,7 +131,7 @@ def _pos_matrices(grid, out_h, out_w, mode):
 
 
 class ViT(nnx.Module):
-  """DINOv2 ViT returning patch tokens of one block (spec section 2).
+  """DINOv2 ViT returning patch tokens of one block (docs/official.md §2).
 
   Parameters (float32, logical axes in brackets; L = depth, D = hidden_size, M = pretrain_grid):
     patch_embed.kernel (p, p, 3, D) [-, -, conv_in, embed], patch_embed.bias (D,)
