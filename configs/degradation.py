@@ -1,6 +1,14 @@
 """Real-ESRGAN degradation config for `vosr_jax.data.degradation`: params_realsr.yml
 (docs/official.md §7.1).
 
+Presets (`get_config(preset)`):
+  realesrgan     the official second-order chain (params_realsr.yml), the default.
+  clean_bicubic  the same chain set to a clean x4 downscale: PyTorch bicubic resizes (no
+                 antialiasing), no blur, noise or sinc, JPEG at quality 99 (luma within about two
+                 8-bit levels, but its 4:2:0 chroma subsampling blurs colour edges; quality 100
+                 divides by zero in DiffJPEG's tables), and the resize back with PIL's bicubic, the
+                 upscaler of `vosr_jax.sample` (the demo's).
+
 Train configs include it as `config.degradation = degradation.get_config()`; override fields with
 e.g. `--config.degradation.per_sample=False` (kernels, scales, modes and branch choices drawn once
 per batch, as the official code does) or `--config.degradation.jpeg_range="(60, 95)"`.
@@ -13,8 +21,14 @@ import math
 import ml_collections
 
 
-def get_config():
-  """Returns the degradation ConfigDict with every field and its default."""
+PRESETS = ("realesrgan", "clean_bicubic")
+
+
+def get_config(preset="realesrgan"):
+  """Returns the degradation ConfigDict of `preset` (module docstring) with every field."""
+  if preset not in PRESETS:
+    raise ValueError(f"configs/degradation.py: unknown preset {preset!r}; expected one of "
+                     f"{PRESETS}")
   c = ml_collections.ConfigDict()
   c.scale = 4  # HR / LR size ratio.
   # True: kernels, scales, modes and branches drawn per sample; False: per batch (official code).
@@ -58,4 +72,23 @@ def get_config():
   c.gray_noise_prob2 = 0.4
   c.jpeg_range2 = (30.0, 95.0)
   c.final_sinc_prob = 0.8
+  if preset == "clean_bicubic":
+    _clean_bicubic(c)
   return c
+
+
+def _clean_bicubic(c):
+  """The chain with every stage but the bicubic x4 downscale (and a lossless-looking JPEG) off."""
+  c.resize_modes = ("bicubic",)
+  c.resize_back_modes = ("pil_bicubic",)
+  c.kernel_prob = c.kernel_prob2 = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+  c.kernel_sizes = (7,)
+  c.kernel_pad_to = 7
+  c.resize_range = c.resize_range2 = (1.0, 1.0)  # Also keeps the chain's canvases at the crop size.
+  c.blur_sigma = c.blur_sigma2 = (0.1, 0.1)
+  c.sinc_prob = c.sinc_prob2 = c.final_sinc_prob = c.second_blur_prob = 0.0
+  c.resize_prob = c.resize_prob2 = (0.0, 0.0, 1.0)
+  c.gaussian_noise_prob = c.gaussian_noise_prob2 = 1.0
+  c.noise_range = c.noise_range2 = (0.0, 0.0)
+  c.gray_noise_prob = c.gray_noise_prob2 = 0.0
+  c.jpeg_range = c.jpeg_range2 = (99.0, 99.0)

@@ -19,6 +19,7 @@ Launch (single host):
 FSDP instead of data parallelism: --config.mesh.data=1 --config.mesh.fsdp=-1.
 """
 from configs import common
+from configs import degradation as degradation_config
 from configs import sampling as sampling_config
 
 
@@ -120,22 +121,8 @@ def demo_overrides(config):
   config.checkpoint.every_steps = 1000  # And at the last step.
   config.eval.every_steps = 0  # Held-out evaluation is `make demo`'s sample + evaluate.
   config.sampling = sampling_config.get_config("demo")
-  # Clean bicubic x4 (PyTorch's, no antialiasing) through the same chain: no blur, noise or sinc;
-  # JPEG at quality 99 (steps below one 8-bit level; quality 100 divides by zero in DiffJPEG's
-  # tables). `python -m vosr_jax.demo prepare` makes the held-out LR with it too. The LR goes back
-  # to the HR size with PIL's bicubic, as `vosr_jax.sample` upscales it: the residual target is
-  # relative to that upscaling, so training and sampling must share it.
-  d = config.degradation
-  d.resize_modes = ("bicubic",)
-  d.resize_back_modes = ("pil_bicubic",)
-  d.kernel_prob = d.kernel_prob2 = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-  d.kernel_sizes = (7,)
-  d.kernel_pad_to = 7
-  d.resize_range = d.resize_range2 = (1.0, 1.0)  # Also keeps the chain's canvases at the crop size.
-  d.blur_sigma = d.blur_sigma2 = (0.1, 0.1)
-  d.sinc_prob = d.sinc_prob2 = d.final_sinc_prob = d.second_blur_prob = 0.0
-  d.resize_prob = d.resize_prob2 = (0.0, 0.0, 1.0)
-  d.gaussian_noise_prob = d.gaussian_noise_prob2 = 1.0
-  d.noise_range = d.noise_range2 = (0.0, 0.0)
-  d.gray_noise_prob = d.gray_noise_prob2 = 0.0
-  d.jpeg_range = d.jpeg_range2 = (99.0, 99.0)
+  # Clean bicubic x4 (configs/degradation.py: clean_bicubic). `python -m vosr_jax.demo prepare`
+  # makes the held-out LR with it too. The LR goes back to the HR size with PIL's bicubic, as
+  # `vosr_jax.sample` upscales it: the residual target is relative to that upscaling, so training
+  # and sampling must share it.
+  config.degradation = degradation_config.get_config("clean_bicubic")

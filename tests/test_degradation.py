@@ -164,6 +164,26 @@ def test_pil_bicubic_resize_back_is_the_samplers_upscaling(hq):
   assert np.abs(back - np.clip(ref, 0, 1)).mean() < 0.5 / 255
 
 
+def test_clean_bicubic_preset_is_a_plain_bicubic_downscale(hq):
+  """configs/degradation.py:clean_bicubic gives PyTorch's bicubic x4 (no antialiasing) up to the
+  JPEG at quality 99 and the 8-bit rounding, in luma (measured: within 2.1 levels). The JPEG's
+  4:2:0 chroma subsampling moves colours at sharp colour edges much more (up to 30 levels)."""
+  config = degradation_config.get_config("clean_bicubic")
+  config.resize_back = False
+  x = hq[:2, :64, :64]
+  lq = np.asarray(jax.jit(functools.partial(degradation.degrade, config=config))(
+      jax.random.key(7), x))
+  ref = F.interpolate(torch.from_numpy(np.asarray(x, np.float32)).permute(0, 3, 1, 2),
+                      scale_factor=0.25, mode="bicubic", align_corners=False)
+  ref = np.clip(ref.permute(0, 2, 3, 1).numpy(), 0, 1)
+  assert lq.shape == ref.shape == (2, 16, 16, 3)
+  luma = np.float32([0.299, 0.587, 0.114])
+  np.testing.assert_allclose(lq @ luma, ref @ luma, rtol=0, atol=4 / 255)
+  assert np.abs((lq - ref) @ luma).mean() < 1 / 255
+  with pytest.raises(ValueError, match="unknown preset"):
+    degradation_config.get_config("clean")
+
+
 def test_bad_config_raises():
   config = degradation_config.get_config()
   config.resize_back_modes = ("lanczos",)
