@@ -8,6 +8,9 @@ forward, velocity MSE, backward, global-norm clip, AdamW. Prints one JSON record
 (median, min, max over --steps after --warmup).
 
   .venv/bin/python benchmarks/torch_denoiser_step.py --threads=2 --steps=10
+
+`python -m vosr_jax.bench --what=denoiser --vs-torch` runs it in alternation with the JAX step and
+reads SHAPES, BATCH and ENC_TOKENS from this file (importable without torch).
 """
 import argparse
 import json
@@ -15,11 +18,6 @@ import os
 import statistics
 import sys
 import time
-
-import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-import torch_reference  # pylint: disable=wrong-import-position
 
 # configs/multistep.py:bench-small: 32x32 SD latents (256 px), 4 channels, ViT-B/14 tokens at 448 px.
 SHAPES = dict(latent_channels=4, hidden_size=384, depth=12, num_heads=6, enc_dim=768,
@@ -33,6 +31,9 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
+  import torch  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+  import torch_reference  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   torch.set_num_threads(args.threads)
   model = torch_reference.LightningDiT(**SHAPES)
@@ -61,8 +62,8 @@ def main():
   median = statistics.median(times)
   print(json.dumps(dict(
       what="torch_denoiser_step", torch=torch.__version__, threads=args.threads,
-      batch=BATCH, steps=args.steps, median_s=median, min_s=min(times), max_s=max(times),
-      images_per_s=BATCH / median,
+      batch=BATCH, steps=args.steps, warmup=args.warmup, median_s=median, min_s=min(times),
+      max_s=max(times), mean_s=statistics.fmean(times), images_per_s=BATCH / median,
       parameters=sum(p.numel() for p in model.parameters())), indent=2))
 
 

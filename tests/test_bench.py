@@ -15,10 +15,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from configs import multistep, onestep  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vosr_jax import bench, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vosr_jax import bench, perf, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COMMON = ("what", "model_variant", "dtype", "device_kind", "device_count", "process_count",
-          "backend", "jax_version", "weights", "host_load_avg")
+          "backend", "jax_version", "weights", "host_load_avg", "machine")
 
 
 def _check_timing(record):
@@ -28,9 +28,18 @@ def _check_timing(record):
   assert record["images_per_s"] > 0
 
 
+def _check_machine(record):
+  machine = record["machine"]
+  for key in ("cpu_model", "isa", "logical_cores", "affinity_cores", "xla_flags", "jax_version",
+              "jaxlib_version", "backend", "device_kind"):
+    assert key in machine, key
+  assert machine["backend"] == record["backend"] and machine["device_kind"] == record["device_kind"]
+
+
 def _check_step(record, what):
   for key in COMMON:
     assert key in record, key
+  _check_machine(record)
   assert record["what"] == what and record["device_count"] >= 1
   _check_timing(record)
   assert record["compile_s"] > 0 and record["params"] > 0
@@ -39,13 +48,33 @@ def _check_step(record, what):
   json.dumps(record)  # JSON-able.
 
 
-def test_denoiser():
+def test_denoiser(monkeypatch):
+  """The denoiser step, alternating with a stub partner in place of the PyTorch subprocess (the
+  shape check passed over: the tiny config is not the torch script's)."""
+  partner_args, calls = [], []
+
+  def partner():
+    calls.append("torch")
+    return dict(median_s=0.5, threads=2)
+
+  monkeypatch.setattr(bench, "check_vs_torch", lambda *args: None)
+  monkeypatch.setattr(bench, "torch_partner", lambda *args: partner_args.append(args) or partner)
   record = bench.run(multistep.get_config("tiny"), "denoiser", num_steps=2, warmup=1,
-                     peak_tflops=1.0)
+                     peak_tflops=1.0, vs_torch=True)
   _check_step(record, "denoiser")
   assert record["shapes"] == {"hr_latent": [8, 64, 64, 3], "lr_latent": [8, 64, 64, 3],
                               "tokens": [8, 16, 64]}
   assert record["peak_source"] == "--peak_tflops" and 0 < record["mfu"]
+  # The same --steps/--warmup for torch, and --threads = this process's usable cores.
+  assert partner_args == [(2, 1, perf.usable_cores())]
+  rounds = bench.VS_TORCH_ROUNDS
+  compared = record["vs_torch"]
+  assert calls == ["torch"] * rounds and compared["rounds"] == record["rounds"] == rounds
+  jax_side = compared["sides"]["jax"]
+  assert [(r["steps"], r["warmup"]) for r in jax_side["runs"]] == [(2, 1)] * rounds
+  assert record["median_s"] == jax_side["median_s"] == np.median(jax_side["median_s_per_round"])
+  assert compared["sides"]["torch"]["median_s_per_round"] == [0.5] * rounds
+  assert compared["ratio_jax_over_torch"] == pytest.approx(jax_side["median_s"] / 0.5)
 
 
 @pytest.mark.slow
@@ -132,6 +161,55 @@ def test_cli_writes_json(tmp_path):
   assert record["config_overrides"] == {"seed": "3"}
   assert record["command"].startswith("python -m vosr_jax.bench --config=configs/multistep.py")
   _check_timing(record)
+  _check_machine(record)
+
+
+def _bench_cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "vosr_jax.bench", *args], cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+
+
+def _check_usage_error(result, match):
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr and result.stdout == ""
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and match in lines[-1], result.stderr
+
+
+def test_cli_rejects_flags_of_other_modes():
+  _check_usage_error(_bench_cli("--config=configs/multistep.py:tiny", "--what=compile",
+                                "--vs-torch"),
+                     "--vs-torch does not apply to --what=compile (only to --what=denoiser)")
+  _check_usage_error(_bench_cli("--config=configs/multistep.py:tiny", "--what=denoiser",
+                                "--folder=x"),
+                     "--folder does not apply to --what=denoiser")
+  _check_usage_error(_bench_cli("--config=configs/multistep.py:tiny", "--what=denoiser",
+                                "--vs-torch"), "--vs-torch")  # Shapes (or torch) do not fit.
+
+
+def test_vs_torch_errors(monkeypatch):
+  tiny = multistep.get_config("tiny")
+  with pytest.raises(ValueError, match="--what=denoiser only, not --what=train"):
+    bench.run(tiny, "train", vs_torch=True)
+  monkeypatch.setattr(bench, "_torch_importable", lambda: True)
+  with pytest.raises(ValueError, match=r"hidden_size 64 \(torch 384\).*batch_size 8 \(torch 4\)"):
+    bench.run(tiny, "denoiser", vs_torch=True)
+  config = multistep.get_config("bench-small")
+  mesh = sharding.make_mesh(config.mesh)
+  assert bench.denoiser_shapes(config, mesh) == bench.torch_shapes()
+  bench.check_vs_torch("denoiser", config, mesh)
+  with config.unlocked():
+    config.dtype = "bfloat16"
+    config.model.overrides.depth = 6
+  with pytest.raises(ValueError, match=r"depth 6 \(torch 12\), .*dtype bfloat16"):
+    bench.check_vs_torch("denoiser", config, mesh)
+  monkeypatch.undo()
+  monkeypatch.setitem(sys.modules, "torch", None)  # Not importable.
+  with pytest.raises(ValueError, match="needs PyTorch"):
+    bench.run(tiny, "denoiser", vs_torch=True)
+  with pytest.raises(FileNotFoundError, match="benchmarks/"):
+    bench.check_vs_torch("denoiser", tiny, mesh, script=os.path.join(ROOT, "no_such.py"))
 
 
 def _check_memory(memory):

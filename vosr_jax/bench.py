@@ -1,6 +1,8 @@
 r"""Benchmarks: one JSON record per run, with the command, the device and the timing statistics.
 
   python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=denoiser
+  python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=denoiser --steps=10 \
+    --vs-torch
   python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=train
   python -m vosr_jax.bench --config=configs/onestep.py:bench-small --what=distill
   python -m vosr_jax.bench --config=configs/multistep.py:bench-small --what=degradation
@@ -16,7 +18,10 @@ Modes (`--what`); the networks, state and jitted steps are `builder.build`'s:
   denoiser     the run's step from already encoded latents (`Run.denoiser_step`: the train step
                of a multistep config without degradation and frozen encoders, i.e. denoiser
                forward, backward, clipped AdamW, EMA) on random latents and tokens of the
-               config's shapes.
+               config's shapes. `--vs-torch`: side by side with the PyTorch step of
+               benchmarks/torch_denoiser_step.py (bench-small shapes only), `VS_TORCH_ROUNDS`
+               alternating rounds of JAX (in this process, the step compiled once) and torch
+               (a subprocess, same --steps/--warmup, --threads = this process's usable cores).
   train        the train step of a multistep config (`Run.train_step`: degradation, encoder,
                autoencoder, denoiser, optimizer) on random uint8 HQ batches of
                `config.batch_size` x `config.data.resolution`^2.
@@ -50,11 +55,17 @@ ones, each call blocked on (`perf.time_fn`); compilation is timed apart (`compil
 step come from XLA's cost analysis of the lowered step with the block stacks unrolled (`model.scan` and
 `encoder.scan` off): the cost analysis counts a `lax.scan` body once, not once per layer. MFU is
 given where the peak FLOP/s of the device is known (`PEAK_FLOPS`) or passed with `--peak_tflops`.
+Every record carries `machine` (`perf.machine_info`: CPU model and ISA features, logical and
+usable cores, XLA_FLAGS, jax/jaxlib versions, backend, device kind). A flag given on the command
+line that the mode does not use (`FLAG_MODES`) is a usage error.
 """
+import importlib.util
+import inspect
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -72,6 +83,24 @@ MODES = ("denoiser", "train", "distill", "degradation", "pipeline", "sampling", 
 STEPS = ("denoiser", "train", "distill")
 SAMPLING_MODELS = ("multistep", "onestep")  # Pipelines of --what=sampling.
 # Per-device fields of `compiled.memory_analysis()` (`jaxlib` CompiledMemoryStats) reported.
+# The modes that use each mode-specific flag: any other mode rejects the flag when it is given.
+TIMED = ("denoiser", "train", "distill", "degradation", "pipeline", "sampling")
+FLAG_MODES = {
+    "steps": TIMED, "warmup": TIMED,
+    "peak_tflops": ("denoiser", "train", "distill"),
+    "folder": ("pipeline",),
+    "degradation_batch": ("degradation",), "degradation_size": ("degradation",),
+    "sizes": ("sampling",), "sampling_steps": ("sampling",), "sampling_models": ("sampling",),
+    "step": ("compile", "memory"),
+    "depth": ("denoiser", "train", "distill", "sampling", "compile", "memory"),
+    "per_device_batch": ("compile",),
+    "memory_gb": ("memory",), "probe_batches": ("memory",),
+    "vs-torch": ("denoiser",),
+}
+# The PyTorch partner of `--vs-torch` (a file of the checkout, next to the vosr_jax package).
+TORCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "benchmarks", "torch_denoiser_step.py")
+VS_TORCH_ROUNDS = 3  # Alternating JAX / torch rounds of --vs-torch.
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                  "temp_size_in_bytes", "generated_code_size_in_bytes")
 
@@ -121,6 +150,10 @@ _MEMORY_GB = flags.DEFINE_float("memory_gb", 80.0,
                                 "--what=memory: device memory in GB (1e9 bytes) to fit.")
 _PROBE_BATCHES = flags.DEFINE_list("probe_batches", ["2", "8"],
                                    "--what=memory: the two per-device batches of the linear fit.")
+_VS_TORCH = flags.DEFINE_bool(
+    "vs-torch", False, "--what=denoiser: alternate the JAX step with the PyTorch step of "
+    "benchmarks/torch_denoiser_step.py (bench-small shapes), 3 rounds each, and report both "
+    "sides' medians and their ratio.")
 flags.mark_flags_as_required(["config"])
 for _name in ("peak_tflops", "memory_gb"):
   flags.register_validator(_name, lambda v: v is None or v > 0, f"--{_name} must be > 0")
@@ -202,13 +235,20 @@ def _step_flops(what, config, mesh, lowered):
   return (None, None) if flops is None else (flops, source)
 
 
-def bench_step(what, config, mesh, *, num_steps, warmup, peak_tflops=None):
+def bench_step(what, config, mesh, *, num_steps, warmup, peak_tflops=None, partner=None,
+               rounds=VS_TORCH_ROUNDS):
   """Times the 'denoiser', 'train' or 'distill' step of `config` on `mesh` (module docstring).
 
+  Args:
+    partner: optional callable with no arguments that times another implementation of the step
+      and returns a record with `median_s` (`torch_partner`): then the step (compiled once) and
+      the partner run in `rounds` alternating rounds (`perf.side_by_side`), the step first.
   Returns:
     JSON-able dict: compile_s, the `perf.time_fn` statistics, images_per_s, flops_per_step,
     flops_source, tflops_per_s (all devices), peak_tflops_per_device, peak_source, mfu (or None),
-    and the input shapes.
+    and the input shapes. With `partner`: the statistics are over all rounds (median_s the median
+    of the per-round medians, `steps` per round) and `vs_torch` holds the rounds of both sides
+    (`perf.side_by_side`: jax, torch) and `ratio_jax_over_torch`.
   """
   run = builder.build(config, mesh)
   fn, args = _step(what, run)
@@ -218,8 +258,26 @@ def bench_step(what, config, mesh, *, num_steps, warmup, peak_tflops=None):
   compile_s = time.perf_counter() - start
   flops, flops_source = _step_flops(what, config, mesh, lowered)
   shapes = {k: list(v.shape) for k, v in args[-1].items()}
-  timing = perf.time_fn(compiled, args, num_steps, warmup,
-                        update=lambda a, out: (out[0],) + a[1:])
+  current = [args]  # The donated state moves on with each call.
+
+  def update(a, out):
+    current[0] = (out[0],) + a[1:]
+    return current[0]
+
+  def time_step():
+    return perf.time_fn(compiled, current[0], num_steps, warmup, update=update)
+
+  extra = {}
+  if partner is None:
+    timing = time_step()
+  else:
+    compared = perf.side_by_side({"jax": time_step, "torch": partner}, rounds)
+    runs = compared["sides"]["jax"]["runs"]
+    timing = dict(steps=num_steps, warmup=warmup, rounds=rounds,
+                  median_s=compared["sides"]["jax"]["median_s"],
+                  min_s=min(r["min_s"] for r in runs), max_s=max(r["max_s"] for r in runs),
+                  mean_s=sum(r["mean_s"] for r in runs) / len(runs))
+    extra["vs_torch"] = compared
   median = timing["median_s"]
   peak, peak_source = peak_flops(jax.devices()[0].device_kind, config.dtype, peak_tflops)
   return dict(
@@ -229,7 +287,76 @@ def bench_step(what, config, mesh, *, num_steps, warmup, peak_tflops=None):
       flops_per_step=flops, flops_source=flops_source,
       tflops_per_s=None if flops is None else flops / median / 1e12,
       peak_tflops_per_device=None if peak is None else peak / 1e12, peak_source=peak_source,
-      mfu=None if flops is None or peak is None else flops / median / (peak * mesh.size))
+      mfu=None if flops is None or peak is None else flops / median / (peak * mesh.size),
+      **extra)
+
+
+def torch_shapes(script=TORCH_SCRIPT):
+  """The denoiser shapes the PyTorch step of `script` is fixed to (its SHAPES, BATCH and
+  ENC_TOKENS, read without importing torch), keyed as `denoiser_shapes`."""
+  if not os.path.isfile(script):
+    raise FileNotFoundError(f"--vs-torch needs {script} (benchmarks/ of a vosr-jax checkout)")
+  spec = importlib.util.spec_from_file_location("_vosr_torch_denoiser_step", script)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  shapes = module.SHAPES
+  return dict(hidden_size=shapes["hidden_size"], depth=shapes["depth"],
+              num_heads=shapes["num_heads"], patch_size=shapes["patch_size"],
+              latent_channels=shapes["latent_channels"],
+              latent_size=[shapes["input_size"]] * 2, encoder_tokens=module.ENC_TOKENS,
+              encoder_width=shapes["enc_dim"], batch_size=module.BATCH, dtype="float32")
+
+
+def denoiser_shapes(config, mesh):
+  """The shapes of `config`'s denoiser step (from an abstract build: nothing allocated): the DiT
+  size (hidden_size, depth, num_heads, patch_size), the latents (latent_channels, latent_size),
+  the encoder tokens (encoder_tokens, encoder_width), the global batch_size and the dtype."""
+  kwargs = dit.variant_kwargs(config.model.variant, **config.model.overrides.to_dict())
+  patch_size = kwargs.get(
+      "patch_size", inspect.signature(dit.LightningDiT.__init__).parameters["patch_size"].default)
+  spec = builder.build(config, mesh, abstract=True).latent_spec()
+  latent, tokens = spec["hr_latent"].shape, spec["tokens"].shape
+  return dict(hidden_size=kwargs["hidden_size"], depth=kwargs["depth"],
+              num_heads=kwargs["num_heads"], patch_size=patch_size, latent_channels=latent[-1],
+              latent_size=list(latent[1:3]), encoder_tokens=tokens[1], encoder_width=tokens[-1],
+              batch_size=latent[0], dtype=config.dtype)
+
+
+def _torch_importable():
+  return importlib.util.find_spec("torch") is not None
+
+
+def check_vs_torch(what, config, mesh, script=TORCH_SCRIPT):
+  """Raises ValueError (or FileNotFoundError) unless `--vs-torch` can compare `config`'s step: the
+  denoiser mode, the partner script, an importable torch, and the script's shapes."""
+  if what != "denoiser":
+    raise ValueError(f"--vs-torch applies to --what=denoiser only, not --what={what}")
+  wanted = torch_shapes(script)
+  if not _torch_importable():
+    raise ValueError("--vs-torch needs PyTorch importable in this Python "
+                     "(pip install -e '.[torch]')")
+  have = denoiser_shapes(config, mesh)
+  differ = [f"{k} {have[k]} (torch {wanted[k]})" for k in wanted if have[k] != wanted[k]]
+  if differ:
+    raise ValueError(f"--vs-torch: {os.path.basename(script)} is fixed to the bench-small "
+                     f"denoiser shapes (configs/multistep.py:bench-small); this config differs: "
+                     + ", ".join(differ))
+
+
+def torch_partner(num_steps, warmup, threads, script=TORCH_SCRIPT):
+  """A callable that runs the PyTorch step of `script` in a subprocess (this Python) with the
+  given --steps, --warmup and --threads and returns its JSON record plus the command."""
+  command = [sys.executable, script, f"--threads={threads}", f"--steps={num_steps}",
+             f"--warmup={warmup}"]
+
+  def call():
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode:
+      tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+      raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}: {tail[0]}")
+    return dict(json.loads(proc.stdout), command=" ".join(command))
+
+  return call
 
 
 def memory_stats(compiled):
@@ -400,15 +527,19 @@ def bench_sampling(config, *, sizes, sampling_steps, num_steps, warmup, models=S
 def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
         degradation_batch=8, degradation_size=512, sizes=("128:512", "256:1024"),
         sampling_steps=None, sampling_models=SAMPLING_MODELS, step="train", depth=None,
-        per_device_batch=None, memory_gb=80.0, probe_batches=(2, 8)):
-  """Runs benchmark `what` (one of `MODES`) on `config`; arguments as the flags of the same names.
+        per_device_batch=None, memory_gb=80.0, probe_batches=(2, 8), vs_torch=False):
+  """Runs benchmark `what` (one of `MODES`) on `config`; arguments as the flags of the same names
+  (`vs_torch`: `--vs-torch`).
 
   Returns:
     JSON-able dict: the mode's figures plus what, model_variant, dtype, device_kind,
-    device_count, process_count, backend, jax_version, weights and host_load_avg.
+    device_count, process_count, backend, jax_version, weights, host_load_avg, host and machine
+    (`perf.machine_info`).
   """
   if what not in MODES:
     raise ValueError(f"--what={what!r} must be one of {MODES}")
+  if vs_torch and what != "denoiser":
+    raise ValueError(f"--vs-torch applies to --what=denoiser only, not --what={what}")
   jax.config.update("jax_threefry_partitionable", True)
   config = _random_weights(config)
   if depth is not None:
@@ -436,8 +567,12 @@ def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
   elif what in ("denoiser", "train", "distill"):
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
+    partner = None
+    if vs_torch:
+      check_vs_torch(what, config, mesh)
+      partner = torch_partner(num_steps, warmup, perf.usable_cores())
     result = bench_step(what, config, mesh, num_steps=num_steps, warmup=warmup,
-                        peak_tflops=peak_tflops)
+                        peak_tflops=peak_tflops, partner=partner)
   elif what == "degradation":
     result = bench_degradation(config, batch=degradation_batch, size=degradation_size,
                                num_steps=num_steps, warmup=warmup)
@@ -451,7 +586,8 @@ def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
                  device_kind=device.device_kind, device_count=jax.device_count(),
                  process_count=jax.process_count(), backend=jax.default_backend(),
                  jax_version=jax.__version__, weights="random",
-                 host_load_avg=list(os.getloadavg()), host=platform.node()), **result}
+                 host_load_avg=list(os.getloadavg()), host=platform.node(),
+                 machine=perf.machine_info()), **result}
 
 
 def main(argv):
@@ -462,6 +598,10 @@ def main(argv):
       cli_utils.check_output_folder(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
     except OSError as e:
       cli_utils.usage_exit(str(e))
+  for name, modes in FLAG_MODES.items():
+    if flags.FLAGS[name].present and _WHAT.value not in modes:
+      cli_utils.usage_exit(f"--{name} does not apply to --what={_WHAT.value} (only to "
+                           + ", ".join(f"--what={m}" for m in modes) + ")")
   config_flag = flags.FLAGS["config"]
   try:
     record = run(_CONFIG.value, _WHAT.value, num_steps=_STEPS.value, warmup=_WARMUP.value,
@@ -471,7 +611,7 @@ def main(argv):
                  sampling_steps=_SAMPLING_STEPS.value, sampling_models=_SAMPLING_MODELS.value,
                  step=_STEP.value, depth=_DEPTH.value,
                  per_device_batch=_PER_DEVICE_BATCH.value, memory_gb=_MEMORY_GB.value,
-                 probe_batches=_PROBE_BATCHES.value)
+                 probe_batches=_PROBE_BATCHES.value, vs_torch=_VS_TORCH.value)
   except (ValueError, FileNotFoundError) as e:  # Flag and config checks, before any timing.
     cli_utils.usage_exit(str(e))
   result = dict(

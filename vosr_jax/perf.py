@@ -1,13 +1,20 @@
-"""Measuring calls: wall-clock statistics of repeated calls (`time_fn`) and the FLOPs of a lowered
-or compiled program from XLA's cost analysis (`flops`).
+"""Measuring calls: wall-clock statistics of repeated calls (`time_fn`), alternating rounds of
+two timed programs (`side_by_side`), the FLOPs of a lowered or compiled program from XLA's cost
+analysis (`flops`), and what a figure was measured on (`machine_info`).
 
 Every timing loop of the package (the benchmark CLI, `inference.benchmark_sampling`,
 `data.pipeline.benchmark_pipeline`) is `time_fn`.
 """
+import importlib.metadata
+import os
+import platform
 import statistics
 import time
 
 import jax
+
+# The CPU features that decide which matmul kernels XLA and PyTorch can use (/proc/cpuinfo flags).
+ISA_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
 def time_fn(fn, args, steps, warmup, update=None):
@@ -47,3 +54,95 @@ def flops(stage):
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def side_by_side(sides, rounds=3):
+  """Alternates timed runs of several programs, `rounds` times in turn (first, second, ..., first,
+  second, ...), so that each sees the same changes of machine load.
+
+  Args:
+    sides: dict name -> callable with no arguments returning a dict with `median_s` (a `time_fn`
+      record, or another process's); called in the dict's order each round.
+    rounds: rounds (>= 1).
+  Returns:
+    dict(rounds, order, sides={name: dict(median_s_per_round, median_s (the median of those),
+    runs (the callables' records))}, and, for exactly two sides A and B, ratio (A's median_s / B's)
+    named `ratio_A_over_B`.
+  """
+  if rounds < 1 or not sides:
+    raise ValueError(f"side_by_side: rounds={rounds} must be >= 1 with at least one side")
+  runs = {name: [] for name in sides}
+  for _ in range(rounds):
+    for name, fn in sides.items():
+      runs[name].append(fn())
+  out = dict(rounds=rounds, order=list(sides), sides={})
+  for name, records in runs.items():
+    medians = [float(r["median_s"]) for r in records]
+    out["sides"][name] = dict(median_s_per_round=medians, median_s=statistics.median(medians),
+                              runs=records)
+  if len(sides) == 2:
+    a, b = sides
+    out[f"ratio_{a}_over_{b}"] = out["sides"][a]["median_s"] / out["sides"][b]["median_s"]
+  return out
+
+
+def usable_cores():
+  """The logical cores this process may run on (its CPU affinity; `os.cpu_count()` where the OS
+  has no affinity call)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count()
+
+
+def parse_cpuinfo(text):
+  """(CPU model name, set of CPU flags) of the first processor in a /proc/cpuinfo text; (None,
+  None) for a field it does not have (an ARM cpuinfo has no "model name" and names its flags
+  "Features")."""
+  model = flags_ = None
+  for line in text.splitlines():
+    key, sep, value = line.partition(":")
+    if not sep:
+      continue
+    key = key.strip().lower()
+    if key == "model name" and model is None:
+      model = value.strip()
+    elif key in ("flags", "features") and flags_ is None:
+      flags_ = set(value.split())
+    if model is not None and flags_ is not None:
+      break
+  return model, flags_
+
+
+def machine_info(cpuinfo_path="/proc/cpuinfo"):
+  """What a figure was measured on, for comparing records across machines.
+
+  Returns:
+    JSON-able dict: cpu_model (/proc/cpuinfo "model name", else `platform.processor()` or
+    `platform.machine()`), cpu_model_source, isa (each of `ISA_FEATURES`: True/False from the
+    /proc/cpuinfo flags, None where there is no such file), logical_cores (`os.cpu_count()`),
+    affinity_cores (`usable_cores()`: the cores this process may use), xla_flags (the XLA_FLAGS
+    environment variable, or None), jax_version, jaxlib_version, backend, device_kind and
+    device_count.
+  """
+  model = cpu_flags = None
+  try:
+    with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+      model, cpu_flags = parse_cpuinfo(f.read())
+  except OSError:
+    pass
+  source = cpuinfo_path
+  if not model:
+    model, source = platform.processor() or platform.machine() or None, "platform"
+  try:
+    jaxlib_version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    jaxlib_version = None
+  device = jax.devices()[0]
+  return dict(
+      cpu_model=model, cpu_model_source=source,
+      isa={k: None if cpu_flags is None else k in cpu_flags for k in ISA_FEATURES},
+      logical_cores=os.cpu_count(), affinity_cores=usable_cores(),
+      xla_flags=os.environ.get("XLA_FLAGS"), jax_version=jax.__version__,
+      jaxlib_version=jaxlib_version, backend=jax.default_backend(),
+      device_kind=device.device_kind, device_count=jax.device_count())
