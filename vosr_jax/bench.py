@@ -364,11 +364,9 @@ def memory_stats(compiled):
   (argument + output + temp - alias: live at once, donated inputs counted once), or None when the
   backend reports nothing."""
   try:
-    stats = compiled.memory_analysis()
-  except NotImplementedError:
+    stats = perf.first_analysis(compiled.memory_analysis())
+  except NotImplementedError:  # Backends without a memory analysis.
     return None
-  if isinstance(stats, (list, tuple)):  # One per device/program in some jaxlib versions.
-    stats = stats[0] if stats else None
   if stats is None:
     return None
   out = {k: int(getattr(stats, k)) for k in MEMORY_FIELDS if getattr(stats, k, None) is not None}

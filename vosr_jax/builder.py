@@ -31,7 +31,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from vosr_jax import models, sharding, steps
+from vosr_jax import checkpoint, models, sharding, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +124,7 @@ def build(config, mesh, *, abstract=False, multistep_params=None):
       teacher_model_config(config.model), nnx.Rngs(0), dtype)), nnx.Param)
   if multistep_params is None and (onestep or config.model.init == "checkpoint"):
     if abstract:
-      multistep_params = _with_shardings(multistep_abstract.to_pure_dict(),
-                                         shard(multistep_abstract))
+      multistep_params = checkpoint.abstract_target(multistep_abstract, shard)
     elif config.model.init == "checkpoint":
       multistep_params = load_multistep_ema(config, multistep_abstract, mesh)
     else:
@@ -156,11 +155,6 @@ def build(config, mesh, *, abstract=False, multistep_params=None):
                            state_sh, mesh),
       denoiser_step=_jit_step(_from_latents(step_fn), (state_sh, *teacher_in, batch_sh), statics,
                               state_sh, mesh))
-
-
-def _with_shardings(abstract_tree, shardings):
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      abstract_tree, shardings)
 
 
 def _random_multistep(config, dtype, shardings):
@@ -270,8 +264,8 @@ def load_multistep_ema(config, abstract, mesh):
   Raises:
     FileNotFoundError, ValueError naming config.model.path: a missing or mismatched checkpoint.
   """
-  param_sh = sharding.param_shardings(abstract, mesh, config.sharding_rules)
-  target = _with_shardings(abstract.to_pure_dict(), param_sh)
+  target = checkpoint.abstract_target(
+      abstract, lambda a: sharding.param_shardings(a, mesh, config.sharding_rules))
   key = f"config.model.path={config.model.path!r}"
   want = teacher_model_config(config.model)
   missing = FileNotFoundError(

@@ -46,14 +46,18 @@ def time_fn(fn, args, steps, warmup, update=None):
 
 def flops(stage):
   """FLOPs of one call of a `jax.stages.Lowered` (the global program) or `Compiled` (per device)
-  from XLA's cost analysis, or None when the backend reports none.
-
-  Some jaxlib versions return one analysis per program in a list: the first is taken.
+  from XLA's cost analysis (`first_analysis`), or None when the backend reports none.
   """
-  cost = stage.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
+  cost = first_analysis(stage.cost_analysis())
   return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def first_analysis(analysis):
+  """A cost or memory analysis as one object: some jaxlib versions return one per program in a
+  list, of which the first is taken (None for an empty list)."""
+  if isinstance(analysis, (list, tuple)):
+    return analysis[0] if analysis else None
+  return analysis
 
 
 def side_by_side(sides, rounds=3):
