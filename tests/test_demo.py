@@ -73,9 +73,10 @@ def test_demo_config_uses_the_residual_target_and_cosine_decay():
   assert multistep.get_config("tiny").objective.target == "latent"
   # The demo's departures are options whose defaults are the official recipe.
   assert ms.model.overrides.prediction == os_.model.overrides.prediction == "x_skip"
-  assert ms.objective.loss_space == "x" and ms.objective.residual_window == 9
+  assert ms.model.overrides.pixel_head == os_.model.overrides.pixel_head == 16
+  assert ms.objective.loss_space == "velocity" and ms.objective.residual_window == 9
   official = multistep.get_config("0.5b")
-  assert "prediction" not in official.model.overrides and "time_scale" not in official.model.overrides
+  assert not {"prediction", "time_scale", "pixel_head"} & set(official.model.overrides)
   assert official.objective.loss_space == "velocity" and official.objective.target == "latent"
 
 

@@ -326,3 +326,31 @@ def test_x_skip_prediction_is_the_preconditioned_clean_sample(pair):
     n2 = (1 - tt) ** 2 + tt ** 2
     f_target = (x - (1 - tt) / n2 * z) / (tt / np.sqrt(n2))
     assert abs(f_target.std() - 1.0) < 0.01, tt
+
+
+
+def test_pixel_head_is_a_3x3_convolution_of_the_unpatchified_features():
+  """pixel_head=K (not official; the demo's): the output is a 3x3 convolution (torch's conv2d,
+  zero padding) of the SiLU of the K features per pixel that the final layer unpatchifies, so a
+  pixel sees its neighbours across the patch border; K = 0 adds no parameter."""
+  k, kwargs = 5, dict(SMALL, patch_size=4)
+  model = dit.LightningDiT(**kwargs, pixel_head=k, rngs=nnx.Rngs(3))
+  graphdef, state = nnx.split(model, nnx.Param)
+  # The final layer is zero-initialised: make its features non-zero.
+  state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape),
+                       state)
+  z_t, lr, t, tok, _ = _inputs(7, 2, (16, 16), False)
+  got = np.asarray(nnx.merge(graphdef, state)(z_t, lr, t, tok))
+  headless = nnx.merge(graphdef, state)
+  head = headless.pixel_head
+  headless.pixel_head = None  # The same network up to the unpatchified (B, H, W, K) features.
+  features = torch.from_numpy(np.array(headless(z_t, lr, t, tok))).permute(0, 3, 1, 2)
+  want = torch.nn.functional.conv2d(
+      torch.nn.functional.silu(features),
+      torch.from_numpy(np.asarray(head.kernel[...])).permute(3, 2, 0, 1),
+      torch.from_numpy(np.asarray(head.bias[...])), padding=1).permute(0, 2, 3, 1).numpy()
+  assert got.shape == z_t.shape and features.shape[1] == k
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  p, c, d = 4, SMALL["latent_channels"], SMALL["hidden_size"]
+  extra = (d + 1) * p * p * (k - c) + 9 * k * c + c  # Wider final layer, plus the convolution.
+  assert dit.param_count(**kwargs, pixel_head=k) - dit.param_count(**kwargs) == extra

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vosr_jax.models.layers import (CrossAttention, Mlp, RMSNorm, SelfAttention, SwiGLU,
+from vosr_jax.models.layers import (CrossAttention, Mlp, RMSNorm, SelfAttention, SwiGLU, conv,
                                     TimestepEmbedder, init_with_axes, linear, rope_tables)
 from vosr_jax.sharding import constrain_batch
 
@@ -131,6 +131,10 @@ class LightningDiT(nnx.Module):
       departure, the demo's): the same with x = `skip_x(z_t, f, t)`, which is the network's f at
       t = 1 and tends to z_t as t -> 0 (Karras et al. 2022's preconditioning), so near the data
       the network corrects z_t by at most about t f instead of copying it.
+    pixel_head: 0 (official): the final layer's p x p x C values per token are the output. K > 0
+      (a departure, the demo's): the final layer gives K features per pixel and a 3x3 convolution
+      of their SiLU makes the C output channels, so each output pixel also sees its neighbours
+      across patch borders, where a per-token output shows the p-pixel patch grid.
     time_scale: t and r are multiplied by it before their sinusoidal embeddings. 1 (official): the
       raw t in [0, 1], where only the lowest of the 128 frequencies turn by more than a fraction
       of a radian; 1000 (a departure, the demo's) spreads them over t as DDPM-style models do.
@@ -144,7 +148,7 @@ class LightningDiT(nnx.Module):
 
   def __init__(self, *, latent_channels, hidden_size, depth, num_heads, enc_dim, patch_size=2,
                mlp_ratio=4, encdim_ratio=3, rope_grid=32, one_step=False, prediction="velocity",
-               time_scale=1.0,
+               pixel_head=0, time_scale=1.0,
                scan=True, remat_policy=None, attention=None, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs):
     if hidden_size % num_heads or (hidden_size // num_heads) % 4:
@@ -182,7 +186,8 @@ class LightningDiT(nnx.Module):
                       param_dtype=param_dtype, rngs=block_rngs)
 
     self.blocks = make_blocks(rngs)
-    self.final_layer = FinalLayer(d, p * p * c, **kw)
+    self.final_layer = FinalLayer(d, p * p * (pixel_head or c), **kw)
+    self.pixel_head = conv(pixel_head, c, 3, **kw) if pixel_head else None
 
   def _conditioning(self, t, r):
     """c = t_emb(t) [+ r_emb(r) * (t - r)]: (B,) times -> (B, D)."""
@@ -240,7 +245,10 @@ class LightningDiT(nnx.Module):
     x = self._run_blocks(x, c0, cond, rope)
 
     out = einops.rearrange(self.final_layer(x, c_vec), "b (h w) (p q c) -> b (h p) (w q) c",
-                           h=h, p=p, q=p).astype(jnp.float32)  # unpatchify
+                           h=h, p=p, q=p)  # unpatchify
+    if self.pixel_head is not None:
+      out = self.pixel_head(jax.nn.silu(out))
+    out = out.astype(jnp.float32)
     if self.prediction == "x":
       out = x_to_velocity(z_t.astype(jnp.float32), out, t)
     elif self.prediction == "x_skip":
