@@ -75,6 +75,12 @@ ZOOM_MARGIN = 16  # pixels: the windows keep this far from every edge
 SEED = 0  # Of the held-out degradation.
 
 
+def default_folders():
+  """(workdir, data): `make demo`'s folders, DEMO_WORKDIR and DEMO_DATA of configs/multistep.py."""
+  module = cli_utils.load_config_module(os.path.join(cli_utils.CONFIGS_DIR, "multistep.py"))
+  return module.DEMO_WORKDIR, module.DEMO_DATA
+
+
 def skimage_photo(name):
   """The uint8 (H, W, 3) RGB photo `name` from `skimage.data` (no download)."""
   from skimage import data  # pylint: disable=import-outside-toplevel
@@ -412,7 +418,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m vosr_jax.demo", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
   a = sub.add_parser("prepare", help="write the skimage photos: train / held-out HR and LR")
-  a.add_argument("--out", default="runs/demo/data")
+  a.add_argument("--out", help="default: DEMO_DATA of configs/multistep.py")
   a = sub.add_parser("bicubic", help="the bicubic baseline of a folder of LR images")
   a.add_argument("--input", required=True)
   a.add_argument("--output", required=True)
@@ -426,7 +432,7 @@ def main(argv=None):
   a.add_argument("name")
   a.add_argument("cmd", nargs=argparse.REMAINDER)
   a = sub.add_parser("report", help="report.md, side-by-side and zoomed images of the results")
-  a.add_argument("--workdir", default="runs/demo")
+  a.add_argument("--workdir", help="default: DEMO_WORKDIR of configs/multistep.py")
   a.add_argument("--data", help="the prepare folder (default: WORKDIR/data)")
   args = p.parse_args(argv)
   errors = []
@@ -434,7 +440,7 @@ def main(argv=None):
   if errors:
     p.error("; ".join(errors))
   if args.command == "prepare":
-    prepare(args.out)
+    prepare(args.out or default_folders()[1])
   elif args.command == "bicubic":
     bicubic(args.input, args.output, args.upscale)
   elif args.command == "degrade":
@@ -450,7 +456,8 @@ def main(argv=None):
     return timed(args.log, args.name, command)
   else:
     try:
-      print(report(args.workdir, args.data or os.path.join(args.workdir, "data")))
+      workdir = args.workdir or default_folders()[0]
+      print(report(workdir, args.data or os.path.join(workdir, "data")))
     except FileNotFoundError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
