@@ -1,6 +1,7 @@
 """Helpers shared by the training-loop tests (test_train.py, test_distill.py): command lines of
 `python -m vosr_jax.main` on the `tiny` configs, their environment, reading back results, and a
-tiny training workdir with one checkpoint (test_sample_cli.py, test_reliability.py)."""
+tiny training workdir with one checkpoint (test_sample_cli.py, test_reliability.py), and damage
+to Orbax folders (test_reliability.py, test_checkpoint.py)."""
 import json
 import os
 import subprocess
@@ -114,6 +115,22 @@ def tiny_workdir(path, perturb_seed=None):
   ckpt.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
   ckpt.wait()
   ckpt.close()
+  return path
+
+
+def largest_data_file(item_folder):
+  """The largest array data file (under a `d/` folder) of an Orbax item folder."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(item_folder)
+           for f in names if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep]
+  return max(files, key=os.path.getsize)
+
+
+def truncate_data_file(item_folder):
+  """Cuts the largest array data file of an Orbax item folder to 1000 bytes (a copy killed
+  mid-way); returns its path."""
+  path = largest_data_file(item_folder)
+  with open(path, "r+b") as f:
+    f.truncate(1000)
   return path
 
 
