@@ -227,11 +227,3 @@ def test_pipeline_tiles_with_overlap_blend_smoothly(tiny):
   # within 8 levels of the untiled one's (borders of tiles are not visible as steps).
   assert np.abs(tiled - whole).max() > 0
   assert max_jump(tiled) <= max_jump(whole) + 8
-
-
-def test_benchmark_sampling_returns_timings(tiny):
-  result = inference.benchmark_sampling(tiny, sampling_config=sampling_config.get_config(),
-                                        sizes=((8, 32),), multistep_steps=2, repeats=2, warmup=1)
-  assert [r["mode"] for r in result["results"]] == ["multistep"]
-  for r in result["results"]:
-    assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
