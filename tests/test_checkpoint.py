@@ -171,7 +171,8 @@ def test_a_damaged_latest_step_is_set_aside_and_an_older_one_restored(tmp_path, 
   restores, step 2 is renamed out of Orbax's view with every file kept."""
   _save_steps(tmp_path, [1, 2])
   step2 = str(tmp_path / "checkpoints" / "2")
-  cut = train_utils.truncate_data_file(os.path.join(step2, "state"))
+  cut = train_utils.largest_data_file(os.path.join(step2, "state"))
+  train_utils.truncate(cut)
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path), _tiny_config())
   abstract = {"step": _abstract(None, np.int32), "ema_params": {"w": _abstract(50_000)}}
   with caplog.at_level("WARNING"):

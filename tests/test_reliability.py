@@ -60,11 +60,22 @@ def workdir(tmp_path_factory):
   return train_utils.tiny_workdir(str(tmp_path_factory.mktemp("run")))
 
 
+def _large_data_files(step_folder, damage):
+  """Applies `damage` to the large array data files of a step's state (at least half the largest):
+  the parameters and the EMA are about the same size, and which of them sampling reads depends on
+  how the save laid them out."""
+  files = train_utils.data_files(os.path.join(step_folder, "state"))
+  largest = max(os.path.getsize(f) for f in files)
+  for path in files:
+    if os.path.getsize(path) * 2 >= largest:
+      damage(path)
+
+
 DAMAGE = {
-    "truncated data file": (lambda s: train_utils.truncate_data_file(os.path.join(s, "state")),
+    "truncated data file": (lambda s: _large_data_files(s, train_utils.truncate),
                             "a data file is missing or truncated"),
-    "missing data file": (lambda s: os.remove(train_utils.largest_data_file(
-        os.path.join(s, "state"))), "a data file is missing or truncated"),
+    "missing data file": (lambda s: _large_data_files(s, os.remove),
+                          "a data file is missing or truncated"),
     "missing manifest": (lambda s: os.remove(os.path.join(s, "state", "manifest.ocdbt")),
                          "a data file or the manifest is missing"),
     "missing config item": (lambda s: shutil.rmtree(os.path.join(s, "config")),

@@ -144,20 +144,21 @@ def tiny_release(folder, dit_kwargs=RELEASE_DIT):
   return saved
 
 
+def data_files(item_folder):
+  """The array data files (under a `d/` folder) of an Orbax item folder."""
+  return [os.path.join(d, f) for d, _, names in os.walk(item_folder)
+          for f in names if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep]
+
+
 def largest_data_file(item_folder):
-  """The largest array data file (under a `d/` folder) of an Orbax item folder."""
-  files = [os.path.join(d, f) for d, _, names in os.walk(item_folder)
-           for f in names if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep]
-  return max(files, key=os.path.getsize)
+  """The largest array data file of an Orbax item folder."""
+  return max(data_files(item_folder), key=os.path.getsize)
 
 
-def truncate_data_file(item_folder):
-  """Cuts the largest array data file of an Orbax item folder to 1000 bytes (a copy killed
-  mid-way); returns its path."""
-  path = largest_data_file(item_folder)
+def truncate(path):
+  """Cuts a file to 1000 bytes (a copy killed mid-way)."""
   with open(path, "r+b") as f:
     f.truncate(1000)
-  return path
 
 
 def perturbed(params, seed):
