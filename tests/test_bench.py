@@ -1,13 +1,16 @@
 """`python -m vosr_jax.bench`: every mode on the `tiny` configs, a few steps each.
 
-Only the JSON record's fields are checked (present, positive, median within [min, max]); nothing
-asserts a time.
+The records are checked for consistency (median within [min, max], rates and FLOP/s from the
+times they derive from, parameter counts from the model, compile times within the call's wall
+time, the memory fit through its probes); nothing asserts a time.
 """
 import json
 import os
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,17 +18,33 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from configs import multistep, onestep  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vosr_jax import bench, perf, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vosr_jax import bench, models, perf, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vosr_jax.models import dit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COMMON = ("what", "model_variant", "dtype", "device_kind", "device_count", "process_count",
           "backend", "jax_version", "weights", "host_load_avg", "machine")
 
 
-def _check_timing(record):
+def _run(config, what, **kwargs):
+  """(`bench.run` record, the call's wall time in seconds)."""
+  start = time.perf_counter()
+  record = bench.run(config, what, **kwargs)
+  return record, time.perf_counter() - start
+
+
+def _params(config):
+  """The denoiser's parameter count of `config`, from the model itself."""
+  return dit.param_count(**models.denoiser_kwargs(config.model))
+
+
+def _check_timing(record, seconds=None):
+  """`seconds`: the wall time of the call, which bounds the compile time."""
   assert record["steps"] == 2 and record["warmup"] == 1
   assert 0 < record["min_s"] <= record["median_s"] <= record["max_s"]
   assert record["min_s"] <= record["mean_s"] <= record["max_s"]
-  assert record["images_per_s"] > 0
+  assert record["images_per_s"] == pytest.approx(record["batch_size"] / record["median_s"])
+  if seconds is not None:
+    assert 0 < record["compile_s"] + 2 * record["min_s"] < seconds
 
 
 def _check_machine(record):
@@ -36,15 +55,18 @@ def _check_machine(record):
   assert machine["backend"] == record["backend"] and machine["device_kind"] == record["device_kind"]
 
 
-def _check_step(record, what):
+def _check_step(record, seconds, what, config):
   for key in COMMON:
     assert key in record, key
   _check_machine(record)
-  assert record["what"] == what and record["device_count"] >= 1
-  _check_timing(record)
-  assert record["compile_s"] > 0 and record["params"] > 0
-  assert record["flops_per_step"] > 0 and record["flops_source"].startswith("xla_cost_analysis")
-  assert record["tflops_per_s"] > 0
+  assert record["what"] == what and record["device_count"] == jax.device_count()
+  _check_timing(record, seconds)
+  assert record["params"] == _params(config)
+  # At least one multiply-add per parameter and image.
+  assert record["flops_per_step"] >= 2 * record["params"] * record["batch_size"]
+  assert record["flops_source"].startswith("xla_cost_analysis")
+  assert record["tflops_per_s"] == pytest.approx(
+      record["flops_per_step"] / record["median_s"] / 1e12)
   json.dumps(record)  # JSON-able.
 
 
@@ -59,12 +81,14 @@ def test_denoiser(monkeypatch):
 
   monkeypatch.setattr(bench, "check_vs_torch", lambda *args: None)
   monkeypatch.setattr(bench, "torch_partner", lambda *args: partner_args.append(args) or partner)
-  record = bench.run(multistep.get_config("tiny"), "denoiser", num_steps=2, warmup=1,
-                     peak_tflops=1.0, vs_torch=True)
-  _check_step(record, "denoiser")
+  config = multistep.get_config("tiny")
+  record, seconds = _run(config, "denoiser", num_steps=2, warmup=1, peak_tflops=1.0,
+                         vs_torch=True)
+  _check_step(record, seconds, "denoiser", config)
   assert record["shapes"] == {"hr_latent": [8, 64, 64, 3], "lr_latent": [8, 64, 64, 3],
                               "tokens": [8, 16, 64]}
-  assert record["peak_source"] == "--peak_tflops" and 0 < record["mfu"]
+  assert record["peak_source"] == "--peak_tflops"
+  assert record["mfu"] == pytest.approx(record["tflops_per_s"] / record["device_count"])
   # The same --steps/--warmup for torch, and --threads = this process's usable cores.
   assert partner_args == [(2, 1, perf.usable_cores())]
   rounds = bench.VS_TORCH_ROUNDS
@@ -80,8 +104,8 @@ def test_denoiser(monkeypatch):
 @pytest.mark.slow
 def test_train_flops_count_every_layer():
   config = multistep.get_config("tiny")
-  record = bench.run(config, "train", num_steps=2, warmup=1)
-  _check_step(record, "train")
+  record, seconds = _run(config, "train", num_steps=2, warmup=1)
+  _check_step(record, seconds, "train", config)
   assert record["shapes"] == {"hq": [8, 64, 64, 3]}
   assert record["mfu"] is None  # CPU: no known peak.
   # A scanned stack is counted per layer (lowered unrolled), so scan does not change the count.
@@ -94,7 +118,8 @@ def test_train_flops_count_every_layer():
 
 @pytest.mark.slow
 def test_distill():
-  _check_step(bench.run(onestep.get_config("tiny"), "distill", num_steps=2, warmup=1), "distill")
+  config = onestep.get_config("tiny")
+  _check_step(*_run(config, "distill", num_steps=2, warmup=1), "distill", config)
 
 
 def test_distill_needs_onestep_config():
@@ -105,10 +130,10 @@ def test_distill_needs_onestep_config():
 
 
 def test_degradation():
-  record = bench.run(multistep.get_config("tiny"), "degradation", num_steps=2, warmup=1,
-                     degradation_batch=2, degradation_size=32)
-  _check_timing(record)
-  assert record["batch_size"] == 2 and record["image_size"] == 32 and record["compile_s"] > 0
+  record, seconds = _run(multistep.get_config("tiny"), "degradation", num_steps=2, warmup=1,
+                         degradation_batch=2, degradation_size=32)
+  _check_timing(record, seconds)
+  assert record["batch_size"] == 2 and record["image_size"] == 32
 
 
 def test_pipeline(tmp_path):
@@ -129,7 +154,8 @@ def test_sampling():
   assert [(r["mode"], r["steps"], r["hr_size"]) for r in record["results"]] == [
       ("multistep", 2, 64), ("onestep", 1, 64)]
   for r in record["results"]:
-    assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["images_per_s"] > 0
+    assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+    assert r["images_per_s"] == pytest.approx(r["batch_size"] / r["median_s"])
   record = bench.run(multistep.get_config("tiny"), "sampling", num_steps=2, warmup=1,
                      sizes=("16:64",), sampling_models=("onestep",))
   assert [r["mode"] for r in record["results"]] == ["onestep"]
@@ -213,9 +239,7 @@ def test_vs_torch_errors(monkeypatch):
 
 
 def _check_memory(memory):
-  for key in bench.MEMORY_FIELDS:
-    assert memory[key] >= 0, key
-  assert memory["argument_size_in_bytes"] > 0 and memory["temp_size_in_bytes"] > 0
+  assert all(isinstance(memory[key], int) for key in bench.MEMORY_FIELDS)
   assert memory["alias_size_in_bytes"] > 0  # The donated train state is aliased to the output.
   assert memory["peak_bytes_estimate"] == (
       memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
@@ -223,13 +247,15 @@ def _check_memory(memory):
 
 
 def test_compile_is_abstract_and_reports_memory():
-  record = bench.run(multistep.get_config("tiny"), "compile", step="denoiser", depth=3,
-                     per_device_batch=4)
+  config = multistep.get_config("tiny")
+  record, seconds = _run(config, "compile", step="denoiser", depth=3, per_device_batch=4)
   for key in COMMON:
     assert key in record, key
   assert record["what"] == "compile" and record["step"] == "denoiser"
-  assert record["lower_s"] > 0 and record["compile_s"] > 0
-  assert record["depth"] == 3 and record["params"] > 0 and record["scan"] is False
+  assert 0 < record["lower_s"] + record["compile_s"] < seconds
+  with config.unlocked():
+    config.model.overrides.depth = 3
+  assert record["depth"] == 3 and record["params"] == _params(config) and record["scan"] is False
   assert record["per_device_batch"] == 4 and record["batch_size"] == 4 * record["device_count"]
   assert record["shapes"]["tokens"][0] == record["batch_size"]
   assert record["memory_source"].startswith("cpu compiled memory_analysis")
@@ -246,7 +272,11 @@ def test_memory_predicts_and_verifies_the_largest_batch():
   for probe in record["probes"] + record["verify"]:
     _check_memory(probe["memory_per_device"])
   fit, limit, best = record["fit"], record["limit_bytes"], record["verified_max_batch"]
-  assert limit == 50_000_000 and fit["per_sample_bytes"] > 0
+  # The fit is the line through the two probes.
+  (b1, p1), (b2, p2) = ((p["per_device_batch"], p["memory_per_device"]["peak_bytes_estimate"])
+                        for p in record["probes"])
+  assert limit == 50_000_000 and fit["per_sample_bytes"] == (p2 - p1) / (b2 - b1)
+  assert fit["fixed_bytes"] == p1 - fit["per_sample_bytes"] * b1
   verified = {v["per_device_batch"]: v["memory_per_device"]["peak_bytes_estimate"]
               for v in record["verify"]}
   assert best is not None and best >= 1 and verified[best] <= limit

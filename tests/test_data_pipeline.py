@@ -293,4 +293,5 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path, photos):
 def test_benchmark_pipeline_reports_throughput(photos):
   result = pipeline.benchmark_pipeline(str(photos), _config(None), batch_size=2, num_batches=2,
                                        warmup_batches=1)
-  assert result["images"] == 4 and result["images_per_s"] > 0
+  assert result["images"] == 4 and result["batch_size"] == 2
+  assert result["images_per_s"] == pytest.approx(2 / result["median_s"])

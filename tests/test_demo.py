@@ -68,8 +68,8 @@ def test_demo_config_uses_the_residual_target_and_cosine_decay():
   for config in (ms, os_):
     assert config.objective.target == "residual" and config.autoencoder.kind == "pixel"
     assert config.encoder.init == "random" and config.optim.decay_steps == config.total_steps
-  assert os_.kind == "onestep" and os_.model.path == "runs/demo/multistep"
-  assert ms.data.sources == "runs/demo/data/train"
+  assert os_.kind == "onestep" and os_.model.path == f"{multistep.DEMO_WORKDIR}/multistep"
+  assert ms.data.sources == f"{multistep.DEMO_DATA}/train"
   assert multistep.get_config("tiny").objective.target == "latent"
   # The demo's departures are options whose defaults are the official recipe.
   assert ms.model.overrides.prediction == os_.model.overrides.prediction == "x_skip"
@@ -83,6 +83,15 @@ def test_demo_config_uses_the_residual_target_and_cosine_decay():
 def test_report_fails_clearly_without_evaluations(tmp_path, capsys):
   assert demo.main(["report", f"--workdir={tmp_path}"]) == 2
   assert "metrics.json is missing" in capsys.readouterr().err
+
+
+def test_default_folders_are_the_configs(tmp_path, monkeypatch, capsys):
+  from configs import multistep  # pylint: disable=import-outside-toplevel
+  assert demo.default_folders() == (multistep.DEMO_WORKDIR, multistep.DEMO_DATA)
+  monkeypatch.chdir(tmp_path)
+  assert demo.main(["report"]) == 2
+  missing = os.path.join(multistep.DEMO_WORKDIR, "sr", "bicubic", "metrics.json")
+  assert f"{missing} is missing" in capsys.readouterr().err
 
 
 def _bicubic_x4(img):

@@ -183,22 +183,6 @@ def test_identical_images_give_inf_in_json(folders, capsys):
   assert "| coffee | inf |" in capsys.readouterr().out
 
 
-def test_read_image_modes(tmp_path):
-  rgb = _photo("astronaut")[:40, :60]
-  Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])).save(tmp_path / "a.png")
-  np.testing.assert_array_equal(E.read_image(tmp_path / "a.png"), rgb)  # alpha dropped
-  grey16 = (np.arange(40 * 60).reshape(40, 60) * 27).astype(np.uint16)
-  Image.fromarray(grey16).save(tmp_path / "g.png")
-  assert Image.open(tmp_path / "g.png").mode.startswith("I")
-  got = E.read_image(tmp_path / "g.png")
-  np.testing.assert_array_equal(got, np.repeat(np.round(grey16 / 257.0).astype(np.uint8)[..., None],
-                                               3, axis=-1))
-  exif = Image.Exif()
-  exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise for display
-  Image.fromarray(rgb).save(tmp_path / "r.png", exif=exif)
-  np.testing.assert_array_equal(E.read_image(tmp_path / "r.png"), np.rot90(rgb, k=-1))
-
-
 def test_pyiqa_metric_errors_name_metric_and_file(folders, tmp_path, monkeypatch):
   pred, gt = folders
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -3,12 +3,10 @@ import os
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 import train_utils
-from vosr_jax import checkpoint, inference, sample
-from vosr_jax.models import dit, qwen_vae, vit
+from vosr_jax import sample
 
 ARGS = ["--steps", "2"]
 
@@ -35,12 +33,6 @@ def _run(workdir, inp, out, *extra):
 
 def _no_temp_files(folder):
   return not [n for n in os.listdir(folder) if n.endswith(".tmp")]
-
-
-def test_workdir_checkpoint_is_loaded_as_a_multistep_pipeline(workdir):
-  pipe = inference.load_pipeline(workdir)
-  assert not pipe.networks.one_step and "step 1" in pipe.source
-  assert pipe.networks.downsample == 1 and pipe.networks.tap_layer == 1
 
 
 def test_same_seed_and_name_give_the_same_output_whatever_the_other_files(workdir, tmp_path):
@@ -149,25 +141,10 @@ def test_empty_folder_and_empty_checkpoint_are_errors(workdir, tmp_path, capsys)
 
 
 def test_converted_release_folder_with_a_one_step_denoiser(tmp_path, capsys):
-  """dit (one-step) + vit + qwen2d sub-folders as `python -m vosr_jax.convert --release` writes."""
+  """dit (one-step) + vit + qwen2d sub-folders as `python -m vosr_jax.convert --release` writes
+  (their loading is checked in test_inference.py)."""
   release = tmp_path / "release"
-  nets = {
-      "dit": dict(latent_channels=16, hidden_size=32, depth=1, num_heads=2, enc_dim=64,
-                  patch_size=2, rope_grid=4, one_step=True),
-      "vit": dict(vit.VARIANTS["tiny"]),
-      "qwen2d": dict(qwen_vae.VARIANTS["tiny"]),
-  }
-  makers = {"dit": dit.LightningDiT, "vit": vit.ViT, "qwen2d": qwen_vae.QwenImageVAE}
-  for kind, kwargs in nets.items():
-    params = nnx.state(makers[kind](**kwargs, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
-    if kind == "dit":
-      params = train_utils.perturbed(params, 1)
-    metadata = {"kind": kind, "kwargs": kwargs}
-    if kind == "vit":
-      metadata.update(tap_layer=1, image_size=56)
-    checkpoint.save_params(str(release / kind), params, metadata)
-  pipe = inference.load_pipeline(str(release))
-  assert pipe.networks.one_step and pipe.networks.downsample == 4
+  train_utils.tiny_release(release)
   _save(tmp_path / "in", _rgb(12), "x.png")
   code = sample.main(["--checkpoint", str(release), "--input", str(tmp_path / "in"),
                       "--output", str(tmp_path / "out")])

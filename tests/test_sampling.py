@@ -1,14 +1,12 @@
-"""Samplers, tiling, tiled VAE, colour fixes and the end-to-end function (vosr_jax.sampling)."""
-import cv2
+"""Samplers, tiling, tiled VAE and the end-to-end function (vosr_jax.sampling)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from configs import multistep
 from configs import sampling as sampling_config
-from vosr_jax import color_fix, inference, sampling
+from vosr_jax import inference, sampling
 from vosr_jax.models import vae
 
 
@@ -154,34 +152,6 @@ def test_tiled_vae_decode_is_close_for_a_conv_decoder():
   assert err < 0.05 * float(np.abs(np.asarray(whole)).max()) + 1e-3, err
 
 
-def test_adain_matches_torch_unbiased_std():
-  rng = np.random.default_rng(0)
-  sr, src = rng.random((2, 1, 16, 12, 3), np.float32)
-  sr = sr * 0.5 + 0.2
-  ours = color_fix.adain(jnp.asarray(sr), jnp.asarray(src))
-  t_sr, t_src = torch.from_numpy(sr).permute(0, 3, 1, 2), torch.from_numpy(src).permute(0, 3, 1, 2)
-
-  def stats(a):
-    return a.mean((2, 3), keepdim=True), a.flatten(2).std(2)[..., None, None] + 1e-5
-
-  (m1, s1), (m2, s2) = stats(t_sr), stats(t_src)
-  ref = ((t_sr - m1) / s1 * s2 + m2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-  np.testing.assert_allclose(ours, ref, atol=1e-5)
-
-
-def test_gaussian_split_matches_opencv():
-  rng = np.random.default_rng(1)
-  sr, src = rng.random((2, 48, 40, 3), np.float32)
-  ours = color_fix.gaussian_split(jnp.asarray(sr[None]), jnp.asarray(src[None]))[0]
-  ref = np.clip(cv2.GaussianBlur(src, (0, 0), 5) + sr - cv2.GaussianBlur(sr, (0, 0), 5), 0, 1)
-  np.testing.assert_allclose(ours, ref, atol=1e-5)
-
-
-def test_to_uint8_rounds():
-  x = jnp.asarray([0.0, 0.499 / 255, 0.501 / 255, 254.6 / 255, 1.2])
-  assert color_fix.to_uint8(x).tolist() == [0, 0, 1, 255, 255]
-
-
 def test_image_key_depends_on_seed_and_name_only():
   k = jax.random.key_data
   assert (k(sampling.image_key(1, "a.png")) == k(sampling.image_key(1, "a.png"))).all()
@@ -257,11 +227,3 @@ def test_pipeline_tiles_with_overlap_blend_smoothly(tiny):
   # within 8 levels of the untiled one's (borders of tiles are not visible as steps).
   assert np.abs(tiled - whole).max() > 0
   assert max_jump(tiled) <= max_jump(whole) + 8
-
-
-def test_benchmark_sampling_returns_timings(tiny):
-  result = inference.benchmark_sampling(tiny, sampling_config=sampling_config.get_config(),
-                                        sizes=((8, 32),), multistep_steps=2, repeats=2, warmup=1)
-  assert [r["mode"] for r in result["results"]] == ["multistep"]
-  for r in result["results"]:
-    assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]

@@ -1,6 +1,7 @@
 """Helpers shared by the training-loop tests (test_train.py, test_distill.py): command lines of
 `python -m vosr_jax.main` on the `tiny` configs, their environment, reading back results, and a
-tiny training workdir with one checkpoint (test_sample_cli.py, test_reliability.py)."""
+tiny training workdir with one checkpoint (test_sample_cli.py, test_reliability.py), and damage
+to Orbax folders (test_reliability.py, test_checkpoint.py)."""
 import json
 import os
 import subprocess
@@ -115,6 +116,49 @@ def tiny_workdir(path, perturb_seed=None):
   ckpt.wait()
   ckpt.close()
   return path
+
+
+# Constructor arguments of the tiny networks of `tiny_release`.
+RELEASE_DIT = dict(latent_channels=16, hidden_size=32, depth=1, num_heads=2, enc_dim=64,
+                   patch_size=2, rope_grid=4, one_step=True)
+
+
+def tiny_release(folder, dit_kwargs=RELEASE_DIT):
+  """dit (by default one-step, weights perturbed) + vit + qwen2d sub-folders of `folder`, as
+  `python -m vosr_jax.convert --release` writes them; returns {kind: saved params}."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from vosr_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from vosr_jax.models import dit, qwen_vae, vit  # pylint: disable=import-outside-toplevel
+  nets = {"dit": (dit.LightningDiT, dict(dit_kwargs)), "vit": (vit.ViT, dict(vit.VARIANTS["tiny"])),
+          "qwen2d": (qwen_vae.QwenImageVAE, dict(qwen_vae.VARIANTS["tiny"]))}
+  saved = {}
+  for kind, (make, kwargs) in nets.items():
+    params = nnx.state(make(**kwargs, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    if kind == "dit":
+      params = perturbed(params, 1)
+    metadata = {"kind": kind, "kwargs": kwargs}
+    if kind == "vit":
+      metadata.update(tap_layer=1, image_size=56)
+    checkpoint.save_params(os.path.join(str(folder), kind), params, metadata)
+    saved[kind] = params
+  return saved
+
+
+def data_files(item_folder):
+  """The array data files (under a `d/` folder) of an Orbax item folder."""
+  return [os.path.join(d, f) for d, _, names in os.walk(item_folder)
+          for f in names if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep]
+
+
+def largest_data_file(item_folder):
+  """The largest array data file of an Orbax item folder."""
+  return max(data_files(item_folder), key=os.path.getsize)
+
+
+def truncate(path):
+  """Cuts a file to 1000 bytes (a copy killed mid-way)."""
+  with open(path, "r+b") as f:
+    f.truncate(1000)
 
 
 def perturbed(params, seed):

@@ -33,6 +33,17 @@ def load_config(path, arg=None):
   Raises:
     FileNotFoundError: no such file.
   """
+  return load_config_module(path, lambda module: (
+      module.get_config() if arg is None else module.get_config(arg)))
+
+
+def load_config_module(path, use=lambda module: module):
+  """`use(module)` of the config file `path` loaded as a module (default: the module itself, for
+  its constants), with the folder above `configs/` on the import path meanwhile.
+
+  Raises:
+    FileNotFoundError: no such file.
+  """
   path = os.path.abspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such config file (configs/ of a vosr-jax checkout)")
@@ -45,7 +56,7 @@ def load_config(path, arg=None):
         f"_vosr_config_{os.path.splitext(os.path.basename(path))[0]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
+    return use(module)
 
 
 def _alive(pid):

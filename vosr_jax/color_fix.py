@@ -84,5 +84,9 @@ def apply(method, sr, src):
 
 
 def to_uint8(images):
-  """[0, 1] float images -> uint8, ROUNDED to the nearest level (the official scripts truncate)."""
-  return jnp.clip(jnp.round(images.astype(jnp.float32) * 255.0), 0, 255).astype(jnp.uint8)
+  """[0, 1] float images -> uint8, ROUNDED to the nearest level (the official scripts truncate).
+
+  The project's one float -> 8-bit rounding: it takes NumPy or JAX arrays (traced too) and returns
+  the same kind, computing in float32 (round half to even, then clip to [0, 255]).
+  """
+  return (images.astype(np.float32) * 255.0).round().clip(0, 255).astype(np.uint8)

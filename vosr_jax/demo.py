@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from vosr_jax import cli_utils
+from vosr_jax.data import image_io
 
 TRAIN = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina",
          "stereo_motorcycle_left", "stereo_motorcycle_right")
@@ -74,6 +75,12 @@ ZOOM_MARGIN = 16  # pixels: the windows keep this far from every edge
 SEED = 0  # Of the held-out degradation.
 
 
+def default_folders():
+  """(workdir, data): `make demo`'s folders, DEMO_WORKDIR and DEMO_DATA of configs/multistep.py."""
+  module = cli_utils.load_config_module(os.path.join(cli_utils.CONFIGS_DIR, "multistep.py"))
+  return module.DEMO_WORKDIR, module.DEMO_DATA
+
+
 def skimage_photo(name):
   """The uint8 (H, W, 3) RGB photo `name` from `skimage.data` (no download)."""
   from skimage import data  # pylint: disable=import-outside-toplevel
@@ -103,6 +110,7 @@ def degrade_lr(images, degradation_config, key):
   Returns:
     list of uint8 (H / scale, W / scale, 3).
   """
+  from vosr_jax import color_fix  # pylint: disable=import-outside-toplevel
   from vosr_jax.data import degradation  # pylint: disable=import-outside-toplevel
   config = degradation_config.copy_and_resolve_references()
   config.resize_back = False
@@ -113,7 +121,7 @@ def degrade_lr(images, degradation_config, key):
   if not np.isfinite(lr).all():
     raise FloatingPointError("the degradation returned non-finite values; check "
                              "config.degradation (JPEG quality 100 divides by zero)")
-  lr = np.clip(np.round(lr * 255.0), 0, 255).astype(np.uint8)
+  lr = color_fix.to_uint8(lr)
   scale = config.scale
   return [y[:x.shape[0] // scale, :x.shape[1] // scale] for x, y in zip(images, lr)]
 
@@ -165,24 +173,23 @@ def degrade(input_dir, output_dir, hr_output=None):
   Raises:
     FileNotFoundError / ValueError: no such folder, no images in it, or two sharing a stem.
   """
-  from vosr_jax import evaluate, sample  # pylint: disable=import-outside-toplevel
+  from vosr_jax import sample  # pylint: disable=import-outside-toplevel
   inputs = sample.list_inputs(input_dir)
   stems = [os.path.splitext(name)[0] for name, _ in inputs]
   if len(set(stems)) < len(stems):
     raise ValueError(f"--input {input_dir}: several images share a name ({', '.join(stems)}); "
                      f"the outputs are <name>.png")
-  _degrade_and_write([(stem, evaluate.read_image(path)) for stem, (_, path) in zip(stems, inputs)],
-                     output_dir, hr_output)
+  hrs = [(stem, image_io.decode(path).rgb8()) for stem, (_, path) in zip(stems, inputs)]
+  _degrade_and_write(hrs, output_dir, hr_output)
 
 
 def bicubic(input_dir, output_dir, scale):
   """Upscales every image of `input_dir` by `scale` as `vosr_jax.sample` does before denoising."""
-  from vosr_jax import sample  # pylint: disable=import-outside-toplevel
+  from vosr_jax import color_fix, sample  # pylint: disable=import-outside-toplevel
   os.makedirs(output_dir, exist_ok=True)
   for name, path in sample.list_inputs(input_dir):
     rgb, _ = sample.read_image(path)
-    up = sample.upscale(rgb, (rgb.shape[1] * scale, rgb.shape[0] * scale))
-    out = np.clip(np.round(np.clip(up, 0.0, 1.0) * 255.0), 0, 255).astype(np.uint8)
+    out = color_fix.to_uint8(sample.upscale(rgb, (rgb.shape[1] * scale, rgb.shape[0] * scale)))
     _save_png(os.path.join(output_dir, os.path.splitext(name)[0] + ".png"), out)
     print(f"bicubic: {name} -> {out.shape[1]}x{out.shape[0]}")
 
@@ -259,12 +266,6 @@ def _hstack(panels):
   """Equal-height uint8 (H, W_i, 3) panels side by side, 4 white pixels apart."""
   gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
   return np.concatenate([x for p in panels for x in (p, gap)][:-1], axis=1)
-
-
-def _read_rgb(path):
-  """The (H, W, 3) uint8 RGB of an image file."""
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
 
 
 def _save_report_png(workdir, name, array):
@@ -387,8 +388,9 @@ def report(workdir, data):
   lines += ["", "Side by side (" + " | ".join(t for _, t in rows) + " | HR):", ""]
   zoom_lines = []
   for stem in stems:
-    images = {m: _read_rgb(os.path.join(workdir, "sr", m, f"{stem}.png")) for m, _ in rows}
-    images["hr"] = _read_rgb(os.path.join(data, "heldout_hr", f"{stem}.png"))
+    paths = {m: os.path.join(workdir, "sr", m, f"{stem}.png") for m, _ in rows}
+    paths["hr"] = os.path.join(data, "heldout_hr", f"{stem}.png")
+    images = {m: image_io.decode(path).rgb8() for m, path in paths.items()}
     path = side_by_side(workdir, images, stem, results, rows)
     lines.append(f"![{stem}]({os.path.relpath(path, workdir)})")
     windows = zoom_windows(images["hr"])
@@ -416,7 +418,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m vosr_jax.demo", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
   a = sub.add_parser("prepare", help="write the skimage photos: train / held-out HR and LR")
-  a.add_argument("--out", default="runs/demo/data")
+  a.add_argument("--out", help="default: DEMO_DATA of configs/multistep.py")
   a = sub.add_parser("bicubic", help="the bicubic baseline of a folder of LR images")
   a.add_argument("--input", required=True)
   a.add_argument("--output", required=True)
@@ -430,7 +432,7 @@ def main(argv=None):
   a.add_argument("name")
   a.add_argument("cmd", nargs=argparse.REMAINDER)
   a = sub.add_parser("report", help="report.md, side-by-side and zoomed images of the results")
-  a.add_argument("--workdir", default="runs/demo")
+  a.add_argument("--workdir", help="default: DEMO_WORKDIR of configs/multistep.py")
   a.add_argument("--data", help="the prepare folder (default: WORKDIR/data)")
   args = p.parse_args(argv)
   errors = []
@@ -438,7 +440,7 @@ def main(argv=None):
   if errors:
     p.error("; ".join(errors))
   if args.command == "prepare":
-    prepare(args.out)
+    prepare(args.out or default_folders()[1])
   elif args.command == "bicubic":
     bicubic(args.input, args.output, args.upscale)
   elif args.command == "degrade":
@@ -454,7 +456,8 @@ def main(argv=None):
     return timed(args.log, args.name, command)
   else:
     try:
-      print(report(args.workdir, args.data or os.path.join(args.workdir, "data")))
+      workdir = args.workdir or default_folders()[0]
+      print(report(workdir, args.data or os.path.join(workdir, "data")))
     except FileNotFoundError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2

@@ -35,9 +35,9 @@ table's header marks it (↑ higher is better, ↓ lower is better, →1 closest
               the Hugging Face hub (MANIQA's ViT) are not checked here; pyiqa's own error is
               re-raised.
 
-Image reading: Pillow, EXIF orientation applied, converted to 8-bit RGB. Alpha is dropped (not
-composited; as OpenCV's `imread`), grey and palette images are expanded to RGB, 16-bit grey is
-scaled by 255/65535 and rounded, and 16-bit colour PNGs keep Pillow's 8-bit decoding (high byte).
+Image reading: `vosr_jax.data.image_io.decode`'s 8-bit RGB (EXIF orientation applied, grey and
+palette expanded to RGB, 16-bit levels rounded to the nearest 8-bit level). Alpha is dropped (not
+composited; as OpenCV's `imread`).
 """
 import argparse
 import csv
@@ -50,17 +50,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from vosr_jax import cli_utils
 from vosr_jax import metrics as M
+from vosr_jax.data import image_io
 
 OUTPUT_FILES = ("metrics.json", "metrics.csv")
 DEFAULT_METRICS = ("psnr", "ssim")
 _BUILTIN_FULL_REFERENCE = {"psnr": True, "ssim": True, "flat_noise": True, "detail_hf": True,
                            "detail_gsim": True, "niqe": False}
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class PyiqaMetric(NamedTuple):
@@ -91,25 +91,6 @@ _REGION_METRICS = {"flat_noise": M.flat_noise, "detail_hf": M.detail_hf,
 class _Metric(NamedTuple):
   full_reference: bool
   fn: object  # (pred (H, W, 3) uint8, gt (H, W, 3) uint8 or None) -> float
-
-
-def read_image(path):
-  """Reads an image file as 8-bit RGB (conversion rules in the module docstring).
-
-  Args:
-    path: image file.
-
-  Returns:
-    (H, W, 3) uint8 array, EXIF orientation applied.
-  """
-  with Image.open(path) as im:
-    im = ImageOps.exif_transpose(im)
-    if im.mode in _SIXTEEN_BIT_MODES:
-      grey = np.clip(np.round(np.asarray(im, dtype=np.float64) / 257.0), 0, 255)
-      return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
-    if im.mode == "F":
-      raise ValueError(f"{path}: floating-point images (mode F) are not supported")
-    return np.asarray(im.convert("RGB"))
 
 
 def _torch_hub_dir():
@@ -185,7 +166,7 @@ def _index(folder):
 def _read(path):
   """Reads an image; returns (array, None) or (None, reason)."""
   try:
-    return read_image(path), None
+    return image_io.decode(path).rgb8(), None
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     return None, f"unreadable image: {e}"
 

@@ -20,13 +20,13 @@ import os
 import sys
 import time
 
-import cv2
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from vosr_jax import cli_utils, color_fix, inference, sampling
+from vosr_jax.data import image_io
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg")}
@@ -165,17 +165,9 @@ def list_inputs(path):
   return [(n, os.path.join(path, n)) for n in names]
 
 
-def _png_bit_depth(path):
-  with open(path, "rb") as f:
-    head = f.read(25)
-  return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25 else 8
-
-
 def read_image(path):
-  """Decodes an image into float32 RGB and optional alpha, both in [0, 1].
-
-  Grayscale is replicated to RGB; palette and CMYK are converted; EXIF orientation is applied;
-  16-bit PNGs keep their 16 bits.
+  """Decodes an image into float32 RGB and optional alpha, both in [0, 1] (`image_io.decode`: EXIF
+  orientation applied, grey and palette expanded to RGB, 16-bit PNGs keep their 16 bits).
 
   Returns:
     (rgb (H, W, 3), alpha (H, W) or None).
@@ -183,23 +175,9 @@ def read_image(path):
     InputError: unreadable or not an image.
   """
   try:
-    if _png_bit_depth(path) == 16:
-      raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-      if raw is None:
-        raise InputError(f"{path}: cannot decode this 16-bit PNG")
-      x = raw.astype(np.float32) / 65535.0
-      if x.ndim == 2:
-        return np.repeat(x[..., None], 3, axis=2), None
-      rgb = x[..., 2::-1] if x.shape[2] >= 3 else np.repeat(x[..., :1], 3, axis=2)
-      return np.ascontiguousarray(rgb), x[..., 3] if x.shape[2] == 4 else None
-    with Image.open(path) as im:
-      im = ImageOps.exif_transpose(im)
-      has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-      im = im.convert("RGBA" if has_alpha else "RGB")
-      x = np.asarray(im, np.float32) / 255.0
+    return image_io.decode(path).unit()
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise InputError(f"{path}: not a readable image ({e})") from e
-  return (x[..., :3], x[..., 3]) if has_alpha else (x, None)
 
 
 def upscale(x, size):
@@ -251,7 +229,7 @@ class Sampler:
     self.check_tokens(item, size)
     up = np.clip(upscale(rgb, size), 0.0, 1.0) * 2.0 - 1.0
     if alpha is not None:
-      alpha = np.clip(np.round(upscale(alpha, size) * 255.0), 0, 255).astype(np.uint8)
+      alpha = color_fix.to_uint8(upscale(alpha, size))
     return up.astype(np.float32), alpha
 
   def check_tokens(self, item, size):

@@ -30,8 +30,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from vosr_jax import builder, checkpoint, cli_utils, logging_utils, metrics, models, objectives
-from vosr_jax import perf, sampling, sharding, steps
+from vosr_jax import builder, checkpoint, cli_utils, color_fix, logging_utils, metrics, models
+from vosr_jax import objectives, perf, sampling, sharding, steps
 from vosr_jax.data import pipeline
 from vosr_jax.models import dit
 
@@ -141,11 +141,6 @@ def _host(x):
   return np.asarray(x.addressable_data(0))
 
 
-def _to_uint8(images):
-  """[-1, 1] float images -> uint8, rounded (the official code truncates)."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 class Validator:
   """A fixed validation set (first crops of the data sources with `config.eval.seed`, degraded
   with that seed) super-resolved with the EMA model by the sampler of `python -m vosr_jax.sample`
@@ -166,7 +161,7 @@ class Validator:
     key = jax.random.PRNGKey(config.eval.seed)
     lq, _ = degrade(key, jax.make_array_from_process_local_data(rep, hq))
     self.lq, self.hq = lq, np.asarray(hq)
-    self.lq_uint8 = _to_uint8(_host(lq))
+    self.lq_uint8 = color_fix.to_uint8((_host(lq).astype(np.float32) + 1.0) / 2.0)  # [-1, 1] in
     # One key per image, as the sampler draws them (`sampling.prepare`).
     self.keys = jax.device_put(jax.random.split(jax.random.key(config.eval.seed), len(self.hq)),
                                rep)

@@ -9,14 +9,15 @@ processes. Every random choice is a function of (seed, process, index), so `get_
 `set_state()` (and Orbax through `grain.checkpoint.CheckpointSave/CheckpointRestore`) resume
 exactly, with or without workers.
 
-A record that cannot be used (unreadable, corrupt, truncated, empty, not an image) becomes `None`
-and grain drops it: the batch is filled from the next indices, as deterministically as the rest.
-(Retrying another index instead would draw some images twice as often.) Skips, mode conversions
-(grayscale, RGBA, palette, 16-bit) and upscales of small images are counted per worker and logged
-(absl) on the first occurrence and then once every `warn_every`.
+Records are decoded by `image_io.decode` (EXIF orientation applied, 16-bit levels rounded to 8
+bits, alpha dropped as the official loader drops it). A record that cannot be used (unreadable,
+corrupt, truncated, empty, not an image) becomes `None` and grain drops it: the batch is filled
+from the next indices, as deterministically as the rest. (Retrying another index instead would
+draw some images twice as often.) Skips, mode conversions (grayscale, RGBA, palette, 16-bit) and
+upscales of small images are counted per worker and logged (absl) on the first occurrence and then
+once every `warn_every`.
 """
 import collections
-import io
 
 import grain
 import jax
@@ -26,52 +27,13 @@ from absl import flags, logging
 from PIL import Image
 
 from vosr_jax import perf
+from vosr_jax.data import image_io
 from vosr_jax.data import sources as sources_lib
 
 
 def _derive_seed(*entropy):
   """A 32-bit seed from integers (grain seeds must lie in [0, 2**32))."""
   return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
-
-
-def to_rgb(img):
-  """PIL image of any mode -> (uint8 (H, W, 3) array, original mode if it was not RGB else '').
-
-  16-bit and 32-bit integer modes are scaled from the 16-bit range (PIL's own conversion would clip
-  them to 255); float images are taken as [0, 255]; everything else (L, LA, P, PA, RGBA, CMYK, ...)
-  goes through `Image.convert('RGB')`, which drops alpha as the official loader does.
-  """
-  mode = img.mode
-  if mode == "RGB":
-    return np.asarray(img), ""
-  if mode == "I" or mode.startswith("I;16"):
-    gray = np.clip(np.round(np.asarray(img, np.float64) / 257.0), 0, 255).astype(np.uint8)
-  elif mode == "F":
-    gray = np.clip(np.round(np.asarray(img, np.float64)), 0, 255).astype(np.uint8)
-  else:
-    return np.asarray(img.convert("RGB")), mode
-  return np.repeat(gray[..., None], 3, axis=-1), mode
-
-
-def decode_image(data):
-  """Encoded bytes or an image array -> (uint8 (H, W, 3), original mode if converted else '').
-
-  Args:
-    data: encoded image bytes, or a uint8/uint16 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).
-
-  Raises:
-    Whatever PIL raises for data it cannot decode (OSError, ValueError, ...), or TypeError for an
-    array of unsupported shape or dtype.
-  """
-  if isinstance(data, np.ndarray):
-    array = data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data
-    if array.ndim not in (2, 3) or min(array.shape[:2]) == 0:
-      raise TypeError(f"image array of shape {data.shape}; expected (H, W[, 1|3|4])")
-    img = Image.fromarray(array)
-  else:
-    img = Image.open(io.BytesIO(data))
-    img.load()  # Decode now: truncated or corrupt files fail here, inside the caller's try.
-  return to_rgb(img)
 
 
 def upscale_short_side(image, size):
@@ -144,7 +106,8 @@ class DecodeCrop(grain.transforms.RandomMap):
     k, index = element
     source = self.sources[k]
     try:
-      image, mode = decode_image(source.read(index))
+      decoded = image_io.decode(source.read(index))
+      image = decoded.rgb8()
     except Exception as e:  # Any failure of one record must skip it, never stop training.
       self._count("skipped", f"{source.key(index)}: {type(e).__name__}: {e}")
       if not self._any_ok[k]:
@@ -158,8 +121,8 @@ class DecodeCrop(grain.transforms.RandomMap):
     if not self._any_ok[k]:
       self._any_ok[k] = True
       self._failed[k].clear()
-    if mode:
-      self._count("converted to RGB", f"{source.key(index)}: mode {mode}")
+    if decoded.mode != "RGB":
+      self._count("converted to RGB", f"{source.key(index)}: mode {decoded.mode}")
     if min(image.shape[:2]) < self.resolution:
       self._count("upscaled", f"{source.key(index)}: {image.shape[1]}x{image.shape[0]}, smaller "
                   f"than the {self.resolution} px crop")

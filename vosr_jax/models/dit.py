@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vosr_jax.models.layers import (CrossAttention, Mlp, RMSNorm, SelfAttention, SwiGLU, conv,
-                                    TimestepEmbedder, init_with_axes, linear, rope_tables)
+from vosr_jax.models.layers import (CrossAttention, Mlp, RMSNorm, SelfAttention, SwiGLU,
+                                    TimestepEmbedder, conv, init_with_axes, linear, rope_tables,
+                                    to_numpy)
 from vosr_jax.sharding import constrain_batch
 
 # Sizes: the official models (docs/official.md §0), a 32x32-latent benchmark model, and a test
@@ -286,13 +287,6 @@ def param_count(**kwargs):
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def _to_numpy(value):
-  """float32 numpy array from a numpy array or a torch tensor (any dtype or device)."""
-  if hasattr(value, "detach"):
-    value = value.detach().float().cpu().numpy()
-  return np.asarray(value, np.float32)
-
-
 def _dense(*names, chunks=0):
   """Recipes for a JAX dense from torch Linear(s) `names`, whose outputs are concatenated.
 
@@ -403,7 +397,7 @@ def params_from_torch(state_dict):
   Raises:
     ValueError: naming the missing, unknown or mis-shaped keys.
   """
-  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+  sd = {k: to_numpy(v) for k, v in state_dict.items()}
   kwargs = _model_kwargs(sd)
   model = nnx.eval_shape(lambda: LightningDiT(**kwargs, rngs=nnx.Rngs(0)))
   expected = nnx.state(model, nnx.Param).to_pure_dict()

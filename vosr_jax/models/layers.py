@@ -16,6 +16,14 @@ import numpy as np
 from flax import nnx
 
 
+def to_numpy(value):
+  """A float32 NumPy array of a NumPy array, a JAX array or a torch tensor (any float dtype,
+  bf16 and fp16 included, any device); torch itself is not imported here."""
+  if hasattr(value, "detach"):  # a torch tensor
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value, np.float32)
+
+
 def init_with_axes(init, *axes):
   """Wraps a parameter initializer so the parameter carries logical axis names `axes`."""
   return nnx.with_partitioning(init, axes)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from safetensors.flax import load_file
 
-from vosr_jax.models.layers import conv, dot_product_attention, init_with_axes
+from vosr_jax.models.layers import conv, dot_product_attention, init_with_axes, to_numpy
 
 # Code defaults of latents_mean / latents_std (the Wan-2.1 constants); checkpoints override them
 # through their config.json.
@@ -309,9 +309,7 @@ def _torch_key(path, resample_paths):
 
 def _to_jax_layout(name, value, key, expected_shape):
   """Converts one torch tensor to the nnx layout, checking its shape; errors name `key`."""
-  if hasattr(value, "detach"):  # a torch tensor (any float dtype); torch itself is not imported.
-    value = value.detach().cpu().float().numpy()
-  value = np.asarray(value, dtype=np.float32)
+  value = to_numpy(value)
   if name == "kernel":
     # Conv weight (O, I, kh, kw) -> (kh, kw, I, O).
     want = (expected_shape[3], expected_shape[2], *expected_shape[:2])

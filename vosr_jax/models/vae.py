@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from vosr_jax.models.layers import conv, init_with_axes, linear
+from vosr_jax.models.layers import conv, init_with_axes, linear, to_numpy
 
 SD_SCALING_FACTOR = 0.18215  # diffusers config of stabilityai/stable-diffusion-2-1(-base)/vae.
 
@@ -415,12 +415,6 @@ def _flatten(tree, prefix=()):
   return {prefix: tree}
 
 
-def _to_numpy(value):
-  if hasattr(value, "detach"):  # a torch tensor; torch itself is not imported here.
-    value = value.detach().cpu().float().numpy()
-  return np.asarray(value, np.float32)
-
-
 def _convert(state_dict, abstract_module, what):
   """Fills the Param tree of `abstract_module` from `state_dict`, converting layouts.
 
@@ -436,7 +430,7 @@ def _convert(state_dict, abstract_module, what):
     raise KeyError(f"{what}: missing key '{missing[0]}' ({len(missing)} missing in all).")
   params = {}
   for key, (path, leaf) in targets.items():
-    value = _to_numpy(state_dict[key])
+    value = to_numpy(state_dict[key])
     if value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)
     elif value.ndim == 2:

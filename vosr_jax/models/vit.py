@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from vosr_jax.data.resize import interp_matrix, resize
-from vosr_jax.models.layers import conv, dot_product_attention, init_with_axes, linear
+from vosr_jax.models.layers import (conv, dot_product_attention, init_with_axes, linear,
+                                    to_numpy)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -305,12 +306,6 @@ _HUB_BLOCK_KEYS = {
 }
 
 
-def _to_numpy(value):
-  if hasattr(value, "detach"):  # torch.Tensor; .float() also covers bf16/fp16 checkpoints
-    value = value.detach().cpu().float().numpy()
-  return np.asarray(value, np.float32)
-
-
 def _hf_to_hub(state_dict):
   """Renames a Hugging Face Dinov2(WithRegisters)Model state dict to torch.hub names."""
   out, qkv = {}, {}
@@ -334,7 +329,7 @@ def _hf_to_hub(state_dict):
       raise KeyError(f"vit.py: layer {layer} has {have} but lacks the {'/'.join(missing)} "
                      f"projection {kind}.")
     out[f"blocks.{layer}.attn.qkv.{kind}"] = np.concatenate(
-        [_to_numpy(parts[n][1]) for n in "qkv"], 0)
+        [to_numpy(parts[n][1]) for n in "qkv"], 0)
   return out
 
 
@@ -372,19 +367,19 @@ def params_from_torch(state_dict, naming="hub", *, num_heads=None, keep_blocks=N
               "norm.weight", "norm.bias"):
     if key not in hub:
       raise KeyError(f"vit.py: the {naming} state dict lacks {key!r}.")
-  weight = _to_numpy(hub.pop("patch_embed.proj.weight"))  # (D, 3, p, p)
+  weight = to_numpy(hub.pop("patch_embed.proj.weight"))  # (D, 3, p, p)
   hidden, patch = weight.shape[0], weight.shape[-1]
   if weight.shape != (hidden, 3, patch, patch):
     raise ValueError(f"vit.py: patch_embed.proj.weight has shape {weight.shape}; expected "
                      "(D, 3, p, p).")
 
   def take(key, shape):
-    value = _to_numpy(hub.pop(key))
+    value = to_numpy(hub.pop(key))
     if value.size != math.prod(shape) or value.shape[-1] != shape[-1]:
       raise ValueError(f"vit.py: {key!r} has shape {value.shape}; expected {shape} (hub layout).")
     return value.reshape(shape)
 
-  pos = _to_numpy(hub["pos_embed"])
+  pos = to_numpy(hub["pos_embed"])
   grid = math.isqrt(pos.shape[-2] - 1) if pos.ndim >= 2 and pos.shape[-2] > 1 else 0
   if pos.ndim < 2 or grid * grid + 1 != pos.shape[-2]:
     raise ValueError(f"vit.py: pos_embed has shape {pos.shape}; expected (1, 1 + M*M, D).")
@@ -397,7 +392,7 @@ def params_from_torch(state_dict, naming="hub", *, num_heads=None, keep_blocks=N
   }
   registers = 0
   if "register_tokens" in hub:
-    registers = _to_numpy(hub["register_tokens"]).shape[-2]
+    registers = to_numpy(hub["register_tokens"]).shape[-2]
     params["register_tokens"] = take("register_tokens", (registers, hidden))
 
   blocks = {}
@@ -411,7 +406,7 @@ def params_from_torch(state_dict, naming="hub", *, num_heads=None, keep_blocks=N
   if depth == 0:
     raise KeyError(f"vit.py: the {naming} state dict has no blocks.")
   fc1 = blocks.get(0, {}).get("mlp.fc1.weight")
-  mlp_hidden = _to_numpy(fc1).shape[0] if fc1 is not None else 4 * hidden
+  mlp_hidden = to_numpy(fc1).shape[0] if fc1 is not None else 4 * hidden
   keep = depth if keep_blocks is None else keep_blocks
   if not 1 <= keep <= depth:
     raise ValueError(f"vit.py: keep_blocks {keep_blocks} is outside 1..{depth}.")
@@ -429,7 +424,7 @@ def params_from_torch(state_dict, naming="hub", *, num_heads=None, keep_blocks=N
                      f"{', '.join(f'blocks.{i}.{m}' for m in missing)} (hub names).")
     tree = {}
     for name, (path, transpose) in _HUB_BLOCK_KEYS.items():
-      value = _to_numpy(blocks[i][name])
+      value = to_numpy(blocks[i][name])
       if value.shape != shapes[name]:
         raise ValueError(f"vit.py: blocks.{i}.{name} (hub name) has shape {value.shape}; "
                          f"expected {shapes[name]}.")
