@@ -96,7 +96,7 @@ def test_max_batch_search_fits_verifies_and_steps_down():
   out = perf.max_batch_search(linear, 155, ("2", "1"))
   assert (out["predicted"], out["verified"], out["tried"]) == (5, 5, [5])
   assert out["fixed_bytes"] == 100 and out["per_sample_bytes"] == 10
-  assert calls == [1, 2, 5]  # each batch compiled once
+  assert sorted(calls[:2]) == [1, 2] and calls[2:] == [5]  # each batch compiled once
 
   # Above 3 the peak jumps: the prediction (5) does not fit; the refit through it picks 3.
   out = perf.max_batch_search(lambda b: 100 + 10 * b + (50 if b > 3 else 0), 155, (1, 2))
