@@ -1,7 +1,8 @@
 """Ahead-of-time compiles of the real steps for a 4-chip TPU topology (`python -m vosr_jax.aot`):
 XLA:TPU compiles for chips that are not attached (needs libtpu, the [tpu] extra).
 
-Tiny configs on v5e:2x2 (one compile each, up to about a minute and a half on two busy cores):
+Tiny configs on v5e:2x2 (one compile each, 16 s to about 2 minutes on two busy cores; 7 minutes
+for the file at load 5-6, the distillation and two-slice compiles marked slow):
 the train step under FSDP over the 4 chips and data parallel, the distillation step, one-step
 sampling through the command line, and the train step on 2 slices of v5e:2x2 (8 chips, a hybrid
 mesh: FSDP inside each slice, data parallel across).
@@ -103,6 +104,7 @@ def test_train_step_data_parallel(train_data_parallel):
   assert state["replicated_ok"]  # nothing is meant to be sharded
 
 
+@pytest.mark.slow
 def test_two_slices_fsdp_inside_data_parallel_across():
   record = aot.run(_fsdp(multistep.get_config("tiny")), TOPOLOGY, step="train", slices=2,
                    per_chip_batch=1)
@@ -118,6 +120,7 @@ def test_two_slices_fsdp_inside_data_parallel_across():
   assert found["all-gather"]["count"] > 0 and found["all-reduce"]["count"] > 0, found
 
 
+@pytest.mark.slow
 def test_distill_step():
   record = aot.run(_fsdp(onestep.get_config("tiny")), TOPOLOGY, step="distill")
   _check_record(record, "distill")
