@@ -161,10 +161,15 @@ def test_collectives_parser():
       "  %ar = (f32[4]{0}, f32[]) all-reduce(f32[4]{0} %a, f32[] %b), to_apply=%add",
       "  %cp = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(f32[4]{0} %x)",
       "  %add = f32[4]{0} add(f32[4]{0} %x, f32[4]{0} %y)",
+      "}",
+      "",
+      "%all-reduce-scatter.10 (input_0: f32[64,8]) -> (f32[16,8]) {",
+      "  %all-reduce.1 = (f32[64,8]{1,0}) all-reduce(f32[64,8]{1,0} %input_0), to_apply=%add",
+      "}",
   ])
   found = aot.collectives(hlo)
   assert found["all-gather"] == {"count": 2, "bytes": 2 * 8 * 64 * 2}
-  assert found["reduce-scatter"] == {"count": 1, "bytes": 64}
+  assert found["reduce-scatter"] == {"count": 2, "bytes": 64 + 64 * 8 * 4}
   assert found["all-reduce"] == {"count": 1, "bytes": 20}
   assert found["collective-permute"] == {"count": 1, "bytes": 16}
   assert found["all-to-all"] == {"count": 0, "bytes": 0}

@@ -84,6 +84,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
 _COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _OOM = re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
 
 
@@ -122,10 +123,16 @@ def collectives(hlo_text):
 
   Each instruction counts once as written (the `-start` of an async pair; a loop body once);
   bytes are those of its result (of an async all-gather or collective-permute: the received
-  buffer).
+  buffer). XLA:TPU writes a reduce-scatter as an all-reduce inside a fusion computation named
+  `all-reduce-scatter...`: it counts as a reduce-scatter, with the bytes of the unscattered buffers.
   """
   out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  computation = ""
   for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(1)
+      continue
     match = _COLLECTIVE.search(line)
     if not match:
       continue
@@ -136,6 +143,8 @@ def collectives(hlo_text):
       sizes = sizes[len(sizes) // 2:]  # (operands, results)
     elif start and kind == "collective-permute" and len(sizes) >= 2:
       sizes = sizes[1:2]  # (operand, result, contexts)
+    if kind == "all-reduce" and computation.startswith("all-reduce-scatter"):
+      kind = "reduce-scatter"
     out[kind]["count"] += 1
     out[kind]["bytes"] += sum(sizes)
   return out
