@@ -132,7 +132,8 @@ def test_sample_step_from_the_command_line(tmp_path):
   out = tmp_path / "aot.json"
   proc = subprocess.run(
       [sys.executable, "-m", "vosr_jax.aot", f"--config={ROOT}/configs/onestep.py:tiny",
-       f"--topology={TOPOLOGY}", "--step=sample", "--per_chip_batch=1", f"--out={out}"],
+       f"--topology={TOPOLOGY}", "--step=sample", "--per_chip_batch=1", f"--out={out}",
+       f"--hlo_out={tmp_path / 'sample.hlo'}"],
       capture_output=True, text=True, cwd=ROOT, check=False,
       # This process holds libtpu (the fixtures' compiles): let the child load it too.
       env={**os.environ, "PYTHONPATH": ROOT, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
@@ -141,6 +142,7 @@ def test_sample_step_from_the_command_line(tmp_path):
   _check_record(record, "sample")
   assert record["command"].startswith("python -m vosr_jax.aot ")
   assert record["sampling"]["num_steps"] == 1 and record["global_batch"] == 4
+  assert "ENTRY" in (tmp_path / "sample.hlo").read_text()
 
 
 def test_usage_errors():

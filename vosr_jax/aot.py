@@ -215,7 +215,8 @@ def sample_step(run, per_device_batch):
 
   jitted = jax.jit(sharding.with_mesh(fn, mesh), in_shardings=(params_sh, batch_sh, batch_sh),
                    out_shardings=batch_sh)
-  return jitted, (params, images, keys), dict(num_steps=settings.num_steps, tiles=settings.tile_size)
+  info = dict(num_steps=settings.num_steps, tile_size=settings.tile_size)
+  return jitted, (params, images, keys), info
 
 
 def _oom_bytes(message):
@@ -227,9 +228,10 @@ def _oom_bytes(message):
   return int(float(match.group(1)) * unit[match.group(2)])
 
 
-def compile_step(step, config, mesh, *, chips, topology):
+def compile_step(step, config, mesh, *, chips, topology, hlo_out=None):
   """Compiles `step` of `config` on `mesh` (topology devices) and returns its JSON record
-  (module docstring). A compile that fails for lack of HBM gives a record with fits=False."""
+  (module docstring). A compile that fails for lack of HBM gives a record with fits=False.
+  `hlo_out`: also write the partitioned HLO text there."""
   run = builder.build(config, mesh, abstract=True)
   devices = mesh.devices.size
   per_device_batch = config.batch_size // sharding.batch_size_per_step(mesh)
@@ -274,7 +276,11 @@ def compile_step(step, config, mesh, *, chips, topology):
   record["fits"] = (None if memory is None or hbm_device is None
                     else memory["peak_bytes_estimate"] <= hbm_device)
   record["compiler_estimate"] = _estimate(compiled, record, devices_per_chip)
-  record["collectives"] = collectives(compiled.as_text())
+  hlo = compiled.as_text()
+  record["collectives"] = collectives(hlo)
+  if hlo_out:
+    cli_utils.atomic_write_text(hlo_out, hlo)
+    record["hlo"] = hlo_out
   return record
 
 
@@ -312,7 +318,7 @@ def _check_step(step, config):
 
 
 def run(config, topology, *, step="train", slices=1, per_chip_batch=None, max_batch=False,
-        probe_batches=(1, 2), unroll=True):
+        probe_batches=(1, 2), unroll=True, hlo_out=None):
   """Compiles `step` of `config` for `slices` slices of `topology` (module docstring).
 
   Returns:
@@ -334,7 +340,7 @@ def run(config, topology, *, step="train", slices=1, per_chip_batch=None, max_ba
                      "one device per chip is supported (v5e, v5p, v6e)")
 
   def compile_at(cfg):
-    return compile_step(step, cfg, mesh, chips=chips, topology=name)
+    return compile_step(step, cfg, mesh, chips=chips, topology=name, hlo_out=hlo_out)
 
   if max_batch:
     limit = hbm_bytes(devices[0].device_kind)
@@ -376,6 +382,8 @@ def _define_flags():
   flags.DEFINE_bool("unroll", True, "Unroll the block stacks (model.scan = encoder.scan = False) "
                     "so that the compiler's estimates count every layer.")
   flags.DEFINE_string("out", None, "Also write the JSON record to this file.")
+  flags.DEFINE_string("hlo_out", None,
+                      "Also write the compiled, partitioned HLO text to this file.")
   flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -392,7 +400,7 @@ def main(argv):
     probes = tuple(int(b) for b in FLAGS.probe_batches)
     record = run(FLAGS.config, FLAGS.topology, step=FLAGS.step, slices=FLAGS.slices,
                  per_chip_batch=FLAGS.per_chip_batch, max_batch=FLAGS.max_batch,
-                 probe_batches=probes, unroll=FLAGS.unroll)
+                 probe_batches=probes, unroll=FLAGS.unroll, hlo_out=FLAGS.hlo_out)
   except (ValueError, FileNotFoundError) as e:
     cli_utils.usage_exit(str(e))
   try:

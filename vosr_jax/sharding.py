@@ -4,7 +4,8 @@
 remaining devices). On several TPU slices (multi-slice, devices with distinct `slice_index`),
 `config.mesh` is the mesh inside one slice (ICI) and `config.dcn_mesh` the sizes of the same axes
 across slices (DCN; default data=-1: data parallel across slices): each mesh axis is the product of
-both, built by `mesh_utils.create_hybrid_device_mesh`. Parameters carry logical axis names (`vosr_jax.models.layers`);
+both, built by `mesh_utils.create_hybrid_device_mesh`.
+Parameters carry logical axis names (`vosr_jax.models.layers`);
 `config.sharding_rules` maps each name to a mesh axis (or None), e.g. ('embed', 'fsdp') shards the
 model width over the FSDP axis, so one config line moves a model from data parallelism to FSDP.
 A dimension that the mapped mesh axes do not divide stays replicated (tiny test models).
