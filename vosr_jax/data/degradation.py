@@ -296,12 +296,8 @@ def add_noise(x, key, gaussian, sigma, poisson_scale, gray, levels):
   gauss_noise = sigma * jnp.where(gray, z[..., :1], z)
   quantised = jnp.clip(jnp.round(x * 255.0), 0, 255)
   luma = jnp.clip(jnp.round(x @ jnp.asarray(_GRAY_WEIGHTS, x.dtype) * 255.0), 0, 255)[..., None]
-  # The colour and the luma counts in one call (one unrolled chain in the program, not two).
-  levels_in = jnp.concatenate([quantised, luma], axis=-1)
-  counts = _poisson_counts(levels_in.astype(jnp.int32),
-                           jnp.concatenate([u, u[..., :1]], axis=-1), levels)
-  noise = counts / levels - levels_in / 255.0
-  color, mono = noise[..., :3], noise[..., 3:]
+  color = _poisson_counts(quantised.astype(jnp.int32), u, levels) / levels - quantised / 255.0
+  mono = _poisson_counts(luma.astype(jnp.int32), u[..., :1], levels) / levels - luma / 255.0
   poisson_noise = poisson_scale * jnp.where(gray, mono, color)
   return jnp.clip(x + jnp.where(gaussian, gauss_noise, poisson_noise), 0.0, 1.0)
 
