@@ -88,7 +88,6 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _OOM = re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
 
 
-
 def topology_devices(topology, slices=1):
   """(libtpu topology name, chips, the TPU devices of `slices` slices of it).
 
