@@ -50,6 +50,10 @@ def get_base_config():
 
   # Mesh axis sizes; one -1 fills the remaining devices. Batch is sharded over data x fsdp.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Multi-slice TPU runs: `mesh` is the mesh inside one slice (ICI) and `dcn_mesh` the sizes of the
+  # same axes across slices (DCN); the default is data parallelism across slices. Unused on one
+  # slice (every size must resolve to 1 there).
+  config.dcn_mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Logical parameter axis -> mesh axis. ('embed', 'fsdp') with mesh.fsdp > 1 gives FSDP.
   config.sharding_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
                            ("kv", "tensor"), ("vocab", None), ("layers", None), ("norm", None),

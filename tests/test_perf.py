@@ -92,3 +92,24 @@ def test_machine_info(tmp_path, monkeypatch):
   info = perf.machine_info(cpuinfo_path=str(tmp_path / "missing"))
   assert info["cpu_model_source"] == "platform"
   assert all(v is None for v in info["isa"].values())
+
+
+def test_max_batch_search_fits_verifies_and_steps_down():
+  calls = []
+
+  def linear(batch):
+    calls.append(batch)
+    return 100 + 10 * batch
+
+  out = perf.max_batch_search(linear, 155, ("2", "1"))
+  assert (out["predicted"], out["verified"], out["tried"]) == (5, 5, [5])
+  assert out["fixed_bytes"] == 100 and out["per_sample_bytes"] == 10
+  assert sorted(calls[:2]) == [1, 2] and calls[2:] == [5]  # each batch compiled once
+
+  # Above 3 the peak jumps: the prediction (5) does not fit; the refit through it picks 3.
+  out = perf.max_batch_search(lambda b: 100 + 10 * b + (50 if b > 3 else 0), 155, (1, 2))
+  assert (out["predicted"], out["tried"], out["verified"]) == (5, [5, 3], 3)
+  with pytest.raises(ValueError, match="does not grow"):
+    perf.max_batch_search(lambda b: 100, 155, (1, 2))
+  with pytest.raises(ValueError, match="two distinct"):
+    perf.max_batch_search(lambda b: b, 155, (2, 2))

@@ -28,6 +28,19 @@ def test_mesh_shape_fills_and_rejects():
     sharding.mesh_shape(dict(data=-1, fsdp=3, tensor=1), 8)
   with pytest.raises(ValueError, match="at most one"):
     sharding.mesh_shape(dict(data=-1, fsdp=-1, tensor=1), 8)
+  with pytest.raises(ValueError, match="config.dcn_mesh"):
+    sharding.mesh_shape(dict(data=3, fsdp=1, tensor=1), 2, key="config.dcn_mesh")
+
+
+class _FakeDevice:
+  def __init__(self, i, slice_index=None):
+    self.id, self.slice_index = i, slice_index
+
+
+def test_num_slices():
+  assert sharding.num_slices([_FakeDevice(i) for i in range(4)]) == 1
+  assert sharding.num_slices([_FakeDevice(i, i // 4) for i in range(8)]) == 2
+  assert sharding.num_slices([object()]) == 1  # devices without slice_index (CPU, GPU)
 
 
 def test_logical_to_spec():

@@ -62,7 +62,6 @@ line that the mode does not use (`FLAG_MODES`) is a usage error.
 import importlib.util
 import inspect
 import json
-import math
 import os
 import platform
 import subprocess
@@ -75,6 +74,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vosr_jax import builder, cli_utils, inference, perf, sharding
+from vosr_jax.perf import MEMORY_FIELDS, PEAK_FLOPS, memory_stats, peak_flops  # noqa: F401
 from vosr_jax.models import dit
 from vosr_jax.data import degradation, pipeline
 
@@ -82,7 +82,6 @@ MODES = ("denoiser", "train", "distill", "degradation", "pipeline", "sampling", 
          "memory")
 STEPS = ("denoiser", "train", "distill")
 SAMPLING_MODELS = ("multistep", "onestep")  # Pipelines of --what=sampling.
-# Per-device fields of `compiled.memory_analysis()` (`jaxlib` CompiledMemoryStats) reported.
 # The modes that use each mode-specific flag: any other mode rejects the flag when it is given.
 TIMED = ("denoiser", "train", "distill", "degradation", "pipeline", "sampling")
 FLAG_MODES = {
@@ -101,23 +100,7 @@ FLAG_MODES = {
 TORCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "benchmarks", "torch_denoiser_step.py")
 VS_TORCH_ROUNDS = 3  # Alternating JAX / torch rounds of --vs-torch.
-MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-                 "temp_size_in_bytes", "generated_code_size_in_bytes")
 
-# Dense peak FLOP/s per chip by compute dtype; the first key found in the lower-cased
-# `device_kind` wins (so the more specific names come first). GPU float32 is the TF32 tensor-core
-# peak, which JAX's default matmul precision uses; TPU float32 has no single peak (left out).
-PEAK_FLOPS = (
-    ("h100 pcie", {"bfloat16": 756e12, "float32": 378e12}),
-    ("h100 nvl", {"bfloat16": 835e12, "float32": 418e12}),
-    ("h100", {"bfloat16": 989e12, "float32": 495e12}),  # SXM.
-    ("h200", {"bfloat16": 989e12, "float32": 495e12}),
-    ("a100", {"bfloat16": 312e12, "float32": 156e12}),
-    ("tpu v4", {"bfloat16": 275e12}),
-    ("tpu v5 lite", {"bfloat16": 197e12}),  # v5e.
-    ("tpu v5", {"bfloat16": 459e12}),  # v5p.
-    ("tpu v6 lite", {"bfloat16": 918e12}),  # v6e.
-)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
@@ -159,40 +142,6 @@ for _name in ("peak_tflops", "memory_gb"):
   flags.register_validator(_name, lambda v: v is None or v > 0, f"--{_name} must be > 0")
 
 
-def peak_flops(device_kind, dtype, peak_tflops=None):
-  """(peak FLOP/s per device, where it comes from), or (None, None) when unknown.
-
-  Args:
-    device_kind: `jax.devices()[0].device_kind`.
-    dtype: the compute dtype name (`config.dtype`).
-    peak_tflops: `--peak_tflops`, which wins over the table.
-  """
-  if peak_tflops is not None:
-    return peak_tflops * 1e12, "--peak_tflops"
-  kind = device_kind.lower()
-  for key, peaks in PEAK_FLOPS:
-    if key in kind:
-      return (peaks[dtype], f"PEAK_FLOPS[{key!r}][{dtype!r}]") if dtype in peaks else (None, None)
-  return None, None
-
-
-def _random_weights(config):
-  """A copy of `config` with every network randomly initialised (timings only)."""
-  config = config.copy_and_resolve_references()
-  config.model.init = "random"
-  config.encoder.init = "random"
-  config.autoencoder.init = "random"
-  return config
-
-
-def _unrolled(config):
-  """A copy of `config` with the block stacks unrolled (for FLOP counting)."""
-  config = config.copy_and_resolve_references()
-  config.model.scan = False
-  config.encoder.scan = False
-  return config
-
-
 def _step(what, run):
   """(the jitted step of `what`, its arguments from `run`'s initial state): 'denoiser'
   `run.denoiser_step` on random latents, 'train' and 'distill' `run.train_step` on a random uint8
@@ -228,7 +177,7 @@ def _step_flops(what, config, mesh, lowered):
   """
   source = "xla_cost_analysis(lowered step)"
   if config.model.scan or config.encoder.scan:
-    fn, args = _step(what, builder.build(_unrolled(config), mesh, abstract=True))
+    fn, args = _step(what, builder.build(builder.unrolled(config), mesh, abstract=True))
     lowered = fn.lower(*args)
     source = "xla_cost_analysis(lowered step, model.scan=encoder.scan=False)"
   flops = perf.flops(lowered)
@@ -279,7 +228,7 @@ def bench_step(what, config, mesh, *, num_steps, warmup, peak_tflops=None, partn
                   mean_s=sum(r["mean_s"] for r in runs) / len(runs))
     extra["vs_torch"] = compared
   median = timing["median_s"]
-  peak, peak_source = peak_flops(jax.devices()[0].device_kind, config.dtype, peak_tflops)
+  peak, peak_source = perf.peak_flops(jax.devices()[0].device_kind, config.dtype, peak_tflops)
   return dict(
       compile_s=compile_s, **timing, batch_size=config.batch_size, shapes=shapes,
       images_per_s=config.batch_size / median,
@@ -359,24 +308,6 @@ def torch_partner(num_steps, warmup, threads, script=TORCH_SCRIPT):
   return call
 
 
-def memory_stats(compiled):
-  """Per-device `MEMORY_FIELDS` of `compiled.memory_analysis()` plus `peak_bytes_estimate`
-  (argument + output + temp - alias: live at once, donated inputs counted once), or None when the
-  backend reports nothing."""
-  try:
-    stats = perf.first_analysis(compiled.memory_analysis())
-  except NotImplementedError:  # Backends without a memory analysis.
-    return None
-  if stats is None:
-    return None
-  out = {k: int(getattr(stats, k)) for k in MEMORY_FIELDS if getattr(stats, k, None) is not None}
-  if len(out) < len(MEMORY_FIELDS):
-    return out or None
-  out["peak_bytes_estimate"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                                + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
-  return out
-
-
 def _depth(config):
   """The denoiser depth of `config.model` (variant plus overrides)."""
   return dit.variant_kwargs(config.model.variant, **config.model.overrides.to_dict())["depth"]
@@ -398,7 +329,7 @@ def bench_compile(what, config, mesh):
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - lowered_at
-  memory = memory_stats(compiled)
+  memory = perf.memory_stats(compiled)
   backend = jax.default_backend()
   return dict(
       step=what, lower_s=lowered_at - start, compile_s=compile_s, batch_size=config.batch_size,
@@ -411,19 +342,14 @@ def bench_compile(what, config, mesh):
       f"{backend} compiled memory_analysis ({jax.devices()[0].device_kind})")
 
 
-def _with_per_device_batch(config, per_device_batch, mesh):
-  config = config.copy_and_resolve_references()
-  config.batch_size = per_device_batch * sharding.batch_size_per_step(mesh)
-  return config
-
-
 def bench_memory(what, config, mesh, *, memory_gb=80.0, probe_batches=(2, 8)):
   """The largest per-device batch of step `what` whose compiled `peak_bytes_estimate` fits
   `memory_gb` GB (1e9 bytes) per device, from few compiles (`bench_compile`).
 
   Compiles at the two per-device `probe_batches`, fits peak = fixed + per_sample x batch, predicts
   the largest batch under the limit, and verifies it by compiling there; a prediction that does
-  not fit is refitted once (through the larger probe and the failed point) and compiled again.
+  not fit is refitted once (through the larger probe and the failed point) and compiled again
+  (`perf.max_batch_search`).
 
   Returns:
     JSON-able dict: limit_bytes, probes (the `bench_compile` records), fit (fixed_bytes,
@@ -431,46 +357,29 @@ def bench_memory(what, config, mesh, *, memory_gb=80.0, probe_batches=(2, 8)):
     verification compiles), verified_max_batch (None when no compile confirmed it) and the
     model/mesh figures of the probes.
   """
-  b1, b2 = sorted(int(b) for b in probe_batches)
-  if not 1 <= b1 < b2:
-    raise ValueError(f"--probe_batches={probe_batches}: two distinct per-device batches >= 1")
   limit = int(memory_gb * 1e9)
   records = {}
 
   def peak(batch):
-    if batch not in records:
-      records[batch] = bench_compile(what, _with_per_device_batch(config, batch, mesh), mesh)
+    records[batch] = bench_compile(what, builder.with_per_device_batch(config, batch, mesh), mesh)
     memory = records[batch]["memory_per_device"]
     if not memory or "peak_bytes_estimate" not in memory:
       raise ValueError(f"--what=memory: the {jax.default_backend()} backend gives no compiled "
                        "memory analysis")
     return memory["peak_bytes_estimate"]
 
-  def fit(x1, x2):
-    per_sample = (peak(x2) - peak(x1)) / (x2 - x1)
-    if per_sample <= 0:
-      raise ValueError(f"--what=memory: the peak does not grow with the batch ({x1}: {peak(x1)}, "
-                       f"{x2}: {peak(x2)} bytes); try other --probe_batches")
-    fixed = peak(x1) - per_sample * x1
-    return fixed, per_sample, max(0, math.floor((limit - fixed) / per_sample))
-
-  fixed, per_sample, predicted = fit(b1, b2)
-  candidate, verified, tried = predicted, None, []
-  while verified is None and candidate >= 1 and len(tried) < 2:  # Prediction, then a step down.
-    tried.append(candidate)
-    if peak(candidate) <= limit:
-      verified = candidate
-    elif candidate != b2:  # Refit through the failed point (its compile is cached).
-      candidate = min(fit(b2, candidate)[2], candidate - 1)
-    else:
-      candidate -= 1
+  try:
+    search = perf.max_batch_search(peak, limit, probe_batches)
+  except ValueError as e:
+    raise ValueError(f"--what=memory, --probe_batches={probe_batches}: {e}") from e
+  b1, b2 = sorted(int(b) for b in probe_batches)
   first = records[b1]
   return dict(
       step=what, limit_bytes=limit, memory_gb=memory_gb,
       probes=[records[b1], records[b2]],
-      fit=dict(fixed_bytes=fixed, per_sample_bytes=per_sample),
-      predicted_max_batch=predicted, verify=[records[b] for b in tried],
-      verified_max_batch=verified,
+      fit=dict(fixed_bytes=search["fixed_bytes"], per_sample_bytes=search["per_sample_bytes"]),
+      predicted_max_batch=search["predicted"], verify=[records[b] for b in search["tried"]],
+      verified_max_batch=search["verified"],
       **{k: first[k] for k in ("params", "depth", "scan", "remat_policy", "mesh_shape",
                                "memory_source")})
 
@@ -539,7 +448,7 @@ def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
   if vs_torch and what != "denoiser":
     raise ValueError(f"--vs-torch applies to --what=denoiser only, not --what={what}")
   jax.config.update("jax_threefry_partitionable", True)
-  config = _random_weights(config)
+  config = builder.random_weights(config)
   if depth is not None:
     with config.unlocked():
       config.model.overrides.depth = depth
@@ -559,7 +468,7 @@ def run(config, what, *, num_steps=10, warmup=2, peak_tflops=None, folder=None,
       result = bench_memory(step, config, mesh, memory_gb=memory_gb, probe_batches=probe_batches)
     else:
       if per_device_batch is not None:
-        config = _with_per_device_batch(config, per_device_batch, mesh)
+        config = builder.with_per_device_batch(config, per_device_batch, mesh)
       sharding.check_batch_size(config.batch_size, mesh)
       result = bench_compile(step, config, mesh)
   elif what in ("denoiser", "train", "distill"):

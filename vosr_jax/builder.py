@@ -239,6 +239,32 @@ def _jit_step(step_fn, in_shardings, statics, state_sh, mesh):
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
+# ---- Config variants of the benchmarks and ahead-of-time compiles. ----------------------------
+
+def random_weights(config):
+  """A copy of `config` with every network randomly initialised (timings only)."""
+  config = config.copy_and_resolve_references()
+  config.model.init = "random"
+  config.encoder.init = "random"
+  config.autoencoder.init = "random"
+  return config
+
+
+def unrolled(config):
+  """A copy of `config` with the block stacks unrolled (for FLOP counting)."""
+  config = config.copy_and_resolve_references()
+  config.model.scan = False
+  config.encoder.scan = False
+  return config
+
+
+def with_per_device_batch(config, per_device_batch, mesh):
+  """A copy of `config` whose global batch is `per_device_batch` x the mesh's data x fsdp."""
+  config = config.copy_and_resolve_references()
+  config.batch_size = per_device_batch * sharding.batch_size_per_step(mesh)
+  return config
+
+
 # ---- The multistep denoiser behind a config. ---------------------------------------------------
 
 def teacher_model_config(model_config):

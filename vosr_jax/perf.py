@@ -1,11 +1,14 @@
 """Measuring calls: wall-clock statistics of repeated calls (`time_fn`), alternating rounds of
 two timed programs (`side_by_side`), the FLOPs of a lowered or compiled program from XLA's cost
-analysis (`flops`), and what a figure was measured on (`machine_info`).
+analysis (`flops`), the compiled memory per device (`memory_stats`) and the largest batch that fits
+(`max_batch_search`), the peak FLOP/s of a device (`peak_flops`), and what a figure was measured on
+(`machine_info`).
 
 Every timing loop of the package (the benchmark CLI, `inference.benchmark_sampling`,
 `data.pipeline.benchmark_pipeline`) is `time_fn`.
 """
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -58,6 +61,110 @@ def first_analysis(analysis):
   if isinstance(analysis, (list, tuple)):
     return analysis[0] if analysis else None
   return analysis
+
+
+# Per-device fields of `compiled.memory_analysis()` (`jaxlib` CompiledMemoryStats) reported.
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                 "temp_size_in_bytes", "generated_code_size_in_bytes")
+
+# Dense peak FLOP/s per chip by compute dtype; the first key found in the lower-cased
+# `device_kind` wins (so the more specific names come first). GPU float32 is the TF32 tensor-core
+# peak, which JAX's default matmul precision uses; TPU float32 has no single peak (left out).
+PEAK_FLOPS = (
+    ("h100 pcie", {"bfloat16": 756e12, "float32": 378e12}),
+    ("h100 nvl", {"bfloat16": 835e12, "float32": 418e12}),
+    ("h100", {"bfloat16": 989e12, "float32": 495e12}),  # SXM.
+    ("h200", {"bfloat16": 989e12, "float32": 495e12}),
+    ("a100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("tpu v4", {"bfloat16": 275e12}),
+    ("tpu v5 lite", {"bfloat16": 197e12}),  # v5e.
+    ("tpu v5", {"bfloat16": 459e12}),  # v5p.
+    ("tpu v6 lite", {"bfloat16": 918e12}),  # v6e.
+)
+
+
+def peak_flops(device_kind, dtype, peak_tflops=None):
+  """(peak FLOP/s per device, where it comes from), or (None, None) when unknown.
+
+  Args:
+    device_kind: `jax.devices()[0].device_kind`.
+    dtype: the compute dtype name (`config.dtype`).
+    peak_tflops: `--peak_tflops`, which wins over the table.
+  """
+  if peak_tflops is not None:
+    return peak_tflops * 1e12, "--peak_tflops"
+  kind = device_kind.lower()
+  for key, peaks in PEAK_FLOPS:
+    if key in kind:
+      return (peaks[dtype], f"PEAK_FLOPS[{key!r}][{dtype!r}]") if dtype in peaks else (None, None)
+  return None, None
+
+
+def memory_stats(compiled):
+  """Per-device `MEMORY_FIELDS` of `compiled.memory_analysis()` plus `peak_bytes_estimate`
+  (argument + output + temp - alias: live at once, donated inputs counted once), or None when the
+  backend reports nothing."""
+  try:
+    stats = first_analysis(compiled.memory_analysis())
+  except NotImplementedError:  # Backends without a memory analysis.
+    return None
+  if stats is None:
+    return None
+  out = {k: int(getattr(stats, k)) for k in MEMORY_FIELDS if getattr(stats, k, None) is not None}
+  if len(out) < len(MEMORY_FIELDS):
+    return out or None
+  out["peak_bytes_estimate"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
+  return out
+
+def max_batch_search(peak_at, limit_bytes, probe_batches):
+  """The largest batch whose peak bytes fit `limit_bytes`, from few compiles.
+
+  Compiles at the two `probe_batches`, fits peak = fixed + per_sample x batch, predicts the
+  largest batch under the limit, and verifies it by compiling there; a prediction that does not
+  fit is refitted once (through the larger probe and the failed point) and compiled again.
+
+  Args:
+    peak_at: batch -> peak bytes (a compile; called at most once per batch).
+    limit_bytes: the memory to fit.
+    probe_batches: two distinct batches >= 1.
+  Returns:
+    dict(fixed_bytes, per_sample_bytes, predicted (the first fit's prediction), tried (the
+    verified candidates in order), verified (None when no compile confirmed one), peaks {batch:
+    bytes}).
+  Raises:
+    ValueError: bad probes, or a peak that does not grow with the batch.
+  """
+  b1, b2 = sorted(int(b) for b in probe_batches)
+  if not 1 <= b1 < b2:
+    raise ValueError(f"probe batches {probe_batches}: two distinct batches >= 1")
+  peaks = {}
+
+  def peak(batch):
+    if batch not in peaks:
+      peaks[batch] = peak_at(batch)
+    return peaks[batch]
+
+  def fit(x1, x2):
+    per_sample = (peak(x2) - peak(x1)) / (x2 - x1)
+    if per_sample <= 0:
+      raise ValueError(f"the peak does not grow with the batch ({x1}: {peak(x1)}, {x2}: "
+                       f"{peak(x2)} bytes); try other probe batches")
+    fixed = peak(x1) - per_sample * x1
+    return fixed, per_sample, max(0, math.floor((limit_bytes - fixed) / per_sample))
+
+  fixed, per_sample, predicted = fit(b1, b2)
+  candidate, verified, tried = predicted, None, []
+  while verified is None and candidate >= 1 and len(tried) < 2:  # Prediction, then a step down.
+    tried.append(candidate)
+    if peak(candidate) <= limit_bytes:
+      verified = candidate
+    elif candidate != b2:  # Refit through the failed point (its compile is cached).
+      candidate = min(fit(b2, candidate)[2], candidate - 1)
+    else:
+      candidate -= 1
+  return dict(fixed_bytes=fixed, per_sample_bytes=per_sample, predicted=predicted, tried=tried,
+              verified=verified, peaks=peaks)
 
 
 def side_by_side(sides, rounds=3):

@@ -1,7 +1,11 @@
 """Mesh construction and the mapping from logical parameter axes to mesh axes.
 
 `config.mesh` names the mesh axis sizes (`data`, `fsdp`, `tensor`; -1 on one axis fills the
-remaining devices). Parameters carry logical axis names (`vosr_jax.models.layers`);
+remaining devices). On several TPU slices (multi-slice, devices with distinct `slice_index`),
+`config.mesh` is the mesh inside one slice (ICI) and `config.dcn_mesh` the sizes of the same axes
+across slices (DCN; default data=-1: data parallel across slices): each mesh axis is the product of
+both, built by `mesh_utils.create_hybrid_device_mesh`.
+Parameters carry logical axis names (`vosr_jax.models.layers`);
 `config.sharding_rules` maps each name to a mesh axis (or None), e.g. ('embed', 'fsdp') shards the
 model width over the FSDP axis, so one config line moves a model from data parallelism to FSDP.
 A dimension that the mapped mesh axes do not divide stays replicated (tiny test models).
@@ -14,42 +18,60 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def mesh_shape(mesh_config, num_devices):
+def mesh_shape(mesh_config, num_devices, key="config.mesh"):
   """Resolves the axis sizes of `config.mesh` (one -1 fills) for `num_devices` devices.
 
   Returns:
     A tuple of sizes in `MESH_AXES` order.
   Raises:
-    ValueError: naming `config.mesh` when the sizes do not match the device count.
+    ValueError: naming `key` (the config field) when the sizes do not match the device count.
   """
   sizes = [int(mesh_config[name]) for name in MESH_AXES]
   fill = [i for i, s in enumerate(sizes) if s == -1]
   if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh={dict(mesh_config)}: sizes must be positive, with at most one "
+    raise ValueError(f"{key}={dict(mesh_config)}: sizes must be positive, with at most one "
                      "-1 (fill the remaining devices)")
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f"config.mesh={dict(mesh_config)}: the fixed axes ({known} devices) do not "
-                       f"divide the {num_devices} available devices; change config.mesh")
+      raise ValueError(f"{key}={dict(mesh_config)}: the fixed axes ({known} devices) do not "
+                       f"divide the {num_devices} available devices; change {key}")
     sizes[fill[0]] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh={dict(mesh_config)} needs {math.prod(sizes)} devices but "
-                     f"{num_devices} are available; change config.mesh (e.g. data=-1)")
+    raise ValueError(f"{key}={dict(mesh_config)} needs {math.prod(sizes)} devices but "
+                     f"{num_devices} are available; change {key} (e.g. data=-1)")
   return tuple(sizes)
 
 
-def make_mesh(mesh_config, devices=None):
-  """A `Mesh` with axes ('data', 'fsdp', 'tensor') over `devices` (default: all devices)."""
+def num_slices(devices):
+  """The number of TPU slices `devices` span (distinct `slice_index`; 1 for other devices)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def make_mesh(mesh_config, devices=None, dcn_config=None):
+  """A `Mesh` with axes ('data', 'fsdp', 'tensor') over `devices` (default: all devices).
+
+  On devices of one slice the mesh is `mesh_config` over them. On several slices `mesh_config`
+  is the mesh inside each slice and `dcn_config` (`config.dcn_mesh`; None: data parallel across
+  slices) the mesh across slices, combined by `mesh_utils.create_hybrid_device_mesh`.
+  """
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  slices = num_slices(devices)
+  if slices == 1:
+    shape = mesh_shape(mesh_config, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  if dcn_config is None:
+    dcn_config = {"data": -1, "fsdp": 1, "tensor": 1}
+  dcn = mesh_shape(dcn_config, slices, key="config.dcn_mesh")
+  ici = mesh_shape(mesh_config, len(devices) // slices)
+  return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), MESH_AXES)
 
 
 def batch_size_per_step(mesh):

@@ -232,7 +232,7 @@ def _run(config, workdir, stop):
   jax.config.update("jax_threefry_partitionable", True)
   check_config(config)
   check_workdir(workdir)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, dcn_config=config.dcn_mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   per_device = config.batch_size // sharding.batch_size_per_step(mesh)
   if per_device % config.grad_accum_steps:
