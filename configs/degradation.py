@@ -42,6 +42,9 @@ def get_config(preset="realesrgan"):
   # Poisson counts are Poisson(levels * x) / levels; basicsr's 2**ceil(log2(#unique 8-bit values)),
   # which is 256 for any image with more than 128 distinct values.
   c.poisson_levels = 256
+  # Unroll the Poisson sums' loops: a larger program that compiles slower, but XLA:TPU's cost
+  # analysis (`python -m vosr_jax.aot`, which sets it) estimates no time for a program with loops.
+  c.unroll_poisson = False
   c.resize_sinc_first_prob = 0.5  # Final stage: [resize + sinc] -> JPEG; otherwise JPEG first.
   # First degradation.
   c.kernel_prob = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)

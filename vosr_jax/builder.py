@@ -251,10 +251,12 @@ def random_weights(config):
 
 
 def unrolled(config):
-  """A copy of `config` with the block stacks unrolled (for FLOP counting)."""
+  """A copy of `config` with the block stacks and the degradation's Poisson sums unrolled (for
+  FLOP counting and XLA:TPU's time estimate)."""
   config = config.copy_and_resolve_references()
   config.model.scan = False
   config.encoder.scan = False
+  config.degradation.unroll_poisson = True
   return config
 
 

@@ -54,7 +54,7 @@ _RANGES = ("blur_sigma", "blur_sigma2", "betag_range", "betag_range2", "betap_ra
            "noise_range2", "poisson_scale_range", "poisson_scale_range2", "jpeg_range",
            "jpeg_range2")
 _OTHER = ("scale", "per_sample", "resize_back", "resize_modes", "resize_back_modes", "kernel_sizes",
-          "kernel_pad_to", "poisson_levels")
+          "kernel_pad_to", "poisson_levels", "unroll_poisson")
 # Parameters the official code draws per sample even when the rest is per batch.
 _ALWAYS_PER_SAMPLE = ("sigma1", "poisson1", "gray1", "quality1", "sigma2", "poisson2", "gray2",
                       "quality2")
@@ -126,7 +126,8 @@ def validate_config(config):
   out.update(scale=int(values["scale"]), per_sample=bool(values["per_sample"]),
              resize_back=bool(values["resize_back"]), resize_modes=modes,
              resize_back_modes=back_modes, kernel_sizes=sizes,
-             kernel_pad_to=pad_to, poisson_levels=int(values["poisson_levels"]))
+             kernel_pad_to=pad_to, poisson_levels=int(values["poisson_levels"]),
+             unroll_poisson=bool(values["unroll_poisson"]))
   return types.SimpleNamespace(**out)
 
 
@@ -243,7 +244,7 @@ def filter2d(x, kernel, size=None):
   return y[k - 1:k - 1 + height, k - 1:k - 1 + width].astype(jnp.float32)
 
 
-def _poisson_counts(level, u, levels):
+def _poisson_counts(level, u, levels, unroll):
   """Inverse-CDF Poisson draws: the count whose CDF interval holds u, without table lookups.
 
   The rate is lam = k * levels / 255 for the 8-bit level k. The probabilities are summed along
@@ -251,12 +252,14 @@ def _poisson_counts(level, u, levels):
   ~1e-9 of the mass (j0 = lam - 6 sqrt(lam) - 6, W = 13 sqrt(levels) + 16 static) and normalised by
   the window's total, which cancels the float32 error of p(j0). Elementwise: no gathers
   (per-pixel table lookups are slow on TPUs); the two passes are `fori_loop`s, so the compiled
-  program does not grow with the window. Agrees with a float64 CDF table up to float32 rounding
-  (one draw in ~1e5 differs by one).
+  program does not grow with the window (`unroll` True unrolls them: XLA:TPU's cost analysis
+  gives no time estimate for a program with loops). Agrees with a float64 CDF table up to
+  float32 rounding (one draw in ~1e5 differs by one).
 
   Args:
     level: int32 8-bit levels k.
     u: uniforms in (0, 1), same shape.
+    unroll: static bool.
   """
   lam = level.astype(jnp.float32) * (levels / 255)
   j0 = jnp.maximum(jnp.floor(lam - 6.0 * jnp.sqrt(lam) - 6.0), 0.0)
@@ -269,7 +272,7 @@ def _poisson_counts(level, u, levels):
     p = p * (lam / (j0 + i))
     return p, total + p
 
-  _, total = jax.lax.fori_loop(1, width, add_mass, (p0, p0))
+  _, total = jax.lax.fori_loop(1, width, add_mass, (p0, p0), unroll=unroll)
   threshold = u * total
 
   def add_count(i, carry):
@@ -278,10 +281,11 @@ def _poisson_counts(level, u, levels):
     cdf = cdf + p
     return p, cdf, count + (cdf < threshold)
 
-  return jax.lax.fori_loop(1, width, add_count, (p0, p0, j0 + (p0 < threshold)))[2]
+  return jax.lax.fori_loop(1, width, add_count, (p0, p0, j0 + (p0 < threshold)),
+                           unroll=unroll)[2]
 
 
-def add_noise(x, key, gaussian, sigma, poisson_scale, gray, levels):
+def add_noise(x, key, gaussian, sigma, poisson_scale, gray, levels, unroll=False):
   """basicsr's Gaussian-or-Poisson noise (with the gray-noise option) on one image, then clip.
 
   Args:
@@ -301,8 +305,9 @@ def add_noise(x, key, gaussian, sigma, poisson_scale, gray, levels):
   gauss_noise = sigma * jnp.where(gray, z[..., :1], z)
   quantised = jnp.clip(jnp.round(x * 255.0), 0, 255)
   luma = jnp.clip(jnp.round(x @ jnp.asarray(_GRAY_WEIGHTS, x.dtype) * 255.0), 0, 255)[..., None]
-  color = _poisson_counts(quantised.astype(jnp.int32), u, levels) / levels - quantised / 255.0
-  mono = _poisson_counts(luma.astype(jnp.int32), u[..., :1], levels) / levels - luma / 255.0
+  color = (_poisson_counts(quantised.astype(jnp.int32), u, levels, unroll) / levels
+           - quantised / 255.0)
+  mono = _poisson_counts(luma.astype(jnp.int32), u[..., :1], levels, unroll) / levels - luma / 255.0
   poisson_noise = poisson_scale * jnp.where(gray, mono, color)
   return jnp.clip(x + jnp.where(gaussian, gauss_noise, poisson_noise), 0.0, 1.0)
 
@@ -325,14 +330,16 @@ def _degrade_one(hq, p, key, s):
            jnp.floor(width * p["scale1"]).astype(jnp.int32))
   x = resize_lib.resize_canvas(x, canvas1, (height, width), size1, p["mode1"], modes,
                                (1 / p["scale1"], 1 / p["scale1"]))
-  x = add_noise(x, k_noise1, p["gauss1"], p["sigma1"], p["poisson1"], p["gray1"], s.poisson_levels)
+  x = add_noise(x, k_noise1, p["gauss1"], p["sigma1"], p["poisson1"], p["gray1"], s.poisson_levels,
+                s.unroll_poisson)
   x = jpeg_lib.jpeg(x, p["quality1"], size1)
   # Stage 2: F.interpolate(size=int(H / scale * s2)).
   x = filter2d(x, p["kernel2"], size1)
   size2 = (jnp.floor(height / s.scale * p["scale2"]).astype(jnp.int32),
            jnp.floor(width / s.scale * p["scale2"]).astype(jnp.int32))
   x = resize_lib.resize_canvas(x, canvas2, size1, size2, p["mode2"], modes)
-  x = add_noise(x, k_noise2, p["gauss2"], p["sigma2"], p["poisson2"], p["gray2"], s.poisson_levels)
+  x = add_noise(x, k_noise2, p["gauss2"], p["sigma2"], p["poisson2"], p["gray2"], s.poisson_levels,
+                s.unroll_poisson)
 
   def resize_sinc(y, size):
     y = resize_lib.resize_canvas(y, canvas3, size, lr, p["mode_final"], modes)
