@@ -108,11 +108,11 @@ def test_train_flops_count_every_layer():
   _check_step(record, seconds, "train", config)
   assert record["shapes"] == {"hq": [8, 64, 64, 3]}
   assert record["mfu"] is None  # CPU: no known peak.
-  # A scanned stack is counted per layer (lowered unrolled), so scan does not change the count.
+  # Loops are counted per iteration (lowered unrolled), so scan does not change the count.
   config.model.scan = True
   mesh = sharding.make_mesh(config.mesh)
   flops, source = bench._step_flops("train", config, mesh, None)  # pylint: disable=protected-access
-  assert source.endswith("model.scan=encoder.scan=False)")
+  assert source.endswith("loops unrolled)")
   assert flops == pytest.approx(record["flops_per_step"], rel=1e-6)
 
 

@@ -172,14 +172,15 @@ def _step(what, run):
 def _step_flops(what, config, mesh, lowered):
   """(FLOPs of one global step, how they were counted) from XLA's cost analysis.
 
-  The cost analysis counts a `lax.scan` body once, not once per layer, so a scanned config is
-  lowered again, abstractly (nothing allocated or compiled), with its block stacks unrolled.
+  The cost analysis counts a loop body once, not once per iteration, so a config with loops (the
+  block stacks' `lax.scan`, the degradation's Poisson sums) is lowered again, abstractly (nothing
+  allocated or compiled), with them unrolled (`builder.unrolled`).
   """
   source = "xla_cost_analysis(lowered step)"
-  if config.model.scan or config.encoder.scan:
+  if config.model.scan or config.encoder.scan or not config.degradation.unroll_poisson:
     fn, args = _step(what, builder.build(builder.unrolled(config), mesh, abstract=True))
     lowered = fn.lower(*args)
-    source = "xla_cost_analysis(lowered step, model.scan=encoder.scan=False)"
+    source = "xla_cost_analysis(lowered step, loops unrolled)"
   flops = perf.flops(lowered)
   return (None, None) if flops is None else (flops, source)
 
