@@ -45,11 +45,9 @@ Multi-slice programs (`--slices` > 1) compile and report memory and collectives,
 no step-time estimate for them (`optimal_seconds` < 0; the record says so). libtpu lets one
 process at a time load it: a second compile alongside needs ALLOW_MULTIPLE_LIBTPU_LOAD=1.
 """
-import json
 import math
 import os
 import re
-import sys
 import time
 
 import jax
@@ -407,16 +405,8 @@ def main(argv):
     libtpu = importlib.metadata.version("libtpu")
   except Exception:  # pylint: disable=broad-except
     libtpu = None
-  result = dict(
-      command="python -m vosr_jax.aot " + " ".join(sys.argv[1:]),
-      config=config_flags.get_config_filename(config_flag),
-      config_overrides={k: str(v)
-                        for k, v in config_flags.get_override_values(config_flag).items()},
-      **record, jax_version=jax.__version__, libtpu_version=libtpu)
-  text = json.dumps(result, indent=2)
-  print(text)
-  if FLAGS.out:
-    cli_utils.atomic_write_text(FLAGS.out, text + "\n")
+  cli_utils.emit_record("vosr_jax.aot", config_flag,
+                        dict(record, jax_version=jax.__version__, libtpu_version=libtpu), FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -522,16 +522,7 @@ def main(argv):
                  probe_batches=_PROBE_BATCHES.value, vs_torch=_VS_TORCH.value)
   except (ValueError, FileNotFoundError) as e:  # Flag and config checks, before any timing.
     cli_utils.usage_exit(str(e))
-  result = dict(
-      command="python -m vosr_jax.bench " + " ".join(sys.argv[1:]),
-      config=config_flags.get_config_filename(config_flag),
-      config_overrides={k: str(v)
-                        for k, v in config_flags.get_override_values(config_flag).items()},
-      **record)
-  text = json.dumps(result, indent=2)
-  print(text)
-  if _OUTPUT.value:
-    cli_utils.atomic_write_text(_OUTPUT.value, text + "\n")
+  cli_utils.emit_record("vosr_jax.bench", config_flag, record, _OUTPUT.value)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ import contextlib
 import difflib
 import errno
 import importlib.util
+import json
 import math
 import os
 import re
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
@@ -208,3 +210,18 @@ def parse_absl_flags(argv):
         if message:
           usage_exit(message)
     usage_exit(str(e).strip("'\""))
+
+
+def emit_record(module, config_flag, record, out):
+  """Prints the JSON record of a `python -m module` run (its command, config file and overrides,
+  then `record`) and writes it atomically to `out` when given."""
+  result = dict(
+      command=f"python -m {module} " + " ".join(sys.argv[1:]),
+      config=config_flags.get_config_filename(config_flag),
+      config_overrides={k: str(v)
+                        for k, v in config_flags.get_override_values(config_flag).items()},
+      **record)
+  text = json.dumps(result, indent=2)
+  print(text)
+  if out:
+    atomic_write_text(out, text + "\n")
