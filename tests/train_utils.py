@@ -18,6 +18,11 @@ IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
 KINDS = ("multistep", "onestep")
 
 
+def data_folders(root):
+  """The folders `make_data` fills under `root`: `varied`, `same` and `cache` (compilation)."""
+  return dict(varied=str(root / "varied"), same=str(root / "same"), cache=str(root / "jax_cache"))
+
+
 def make_data(root):
   """Folders of 64x64 crops of real photos under `root`: 8 different ones, and 8 copies of one."""
   varied, same = root / "varied", root / "same"
@@ -32,7 +37,6 @@ def make_data(root):
     Image.fromarray(crop).save(varied / f"{name}.png")
     Image.fromarray(crop if i == 0 else np.asarray(Image.open(varied / f"{IMAGES[0]}.png"))).save(
         same / f"{i}.png")
-  return dict(varied=str(varied), same=str(same), cache=str(root / "jax_cache"))
 
 
 def env(data, devices=1):
