@@ -21,6 +21,8 @@ from configs import multistep, onestep  # pylint: disable=g-import-not-at-top,wr
 from vosr_jax import bench, models, perf, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vosr_jax.models import dit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import train_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 COMMON = ("what", "model_variant", "dtype", "device_kind", "device_count", "process_count",
           "backend", "jax_version", "weights", "host_load_avg", "machine")
 
@@ -311,7 +313,8 @@ def test_compile_fsdp_shards_the_state(tmp_path):
          *mesh.split(), "--what=compile", "--step=denoiser", "--per_device_batch=2",
          f"--output={output}"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                           XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                           XLA_FLAGS=train_utils.xla_flags(
+                               "--xla_force_host_platform_device_count=2")),
         capture_output=True, text=True, check=True)
     records[name] = json.loads(output.read_text())
   dp, fsdp = records["dp"], records["fsdp"]

@@ -10,6 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 from vosr_jax import sharding
 
+import train_utils
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("layers", None))
 
@@ -64,8 +66,8 @@ def test_batch_check_names_key():
 @pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("mesh")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT,
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=train_utils.xla_flags("--xla_force_host_platform_device_count=8"),
+             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_equivalence_script.py"),
                          str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -39,10 +39,15 @@ def make_data(root):
         same / f"{i}.png")
 
 
+def xla_flags(*flags):
+  """XLA_FLAGS of a subprocess: the suite's (conftest.py) followed by `flags`."""
+  return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
 def env(data, devices=1):
   """Environment of a CPU run with `devices` virtual devices and the shared compilation cache."""
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
               JAX_COMPILATION_CACHE_DIR=data["cache"],
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
