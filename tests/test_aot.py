@@ -21,6 +21,8 @@ pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.
 from configs import multistep, onestep  # pylint: disable=wrong-import-position
 from vosr_jax import aot  # pylint: disable=wrong-import-position
 
+import train_utils  # pylint: disable=wrong-import-position
+
 TOPOLOGY = "v5e:2x2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Parameters that FSDP leaves replicated (vectors and dimensions 4 does not divide in the tiny
@@ -40,12 +42,8 @@ STATE_FIELDS = ("fsdp", "params_bytes_total", "params_bytes_per_device", "state_
 
 
 def _tiny(config_module, fsdp=False):
-  """The tiny config of `config_module`, FSDP over the 4 chips or data parallel. Its Poisson sums
-  run over 4 levels instead of 256: a window of 42 terms instead of 224, which halves the
-  unrolled compile and leaves the step's structure as it is."""
-  config = config_module.get_config("tiny")
-  config.unlock()
-  config.degradation.poisson_levels = 4
+  """`train_utils.tiny_config` of `config_module`, FSDP over the 4 chips or data parallel."""
+  config = train_utils.tiny_config(config_module)
   if fsdp:
     config.mesh.data = 1
     config.mesh.fsdp = -1

@@ -34,16 +34,6 @@ def _run(config, what, **kwargs):
   return record, time.perf_counter() - start
 
 
-def _tiny_with_degradation(config_module):
-  """The tiny config of `config_module` with Poisson sums over 4 levels instead of 256 (a window
-  of 42 terms instead of 224): the FLOP count lowers them unrolled, and the step's structure is
-  the same."""
-  config = config_module.get_config("tiny")
-  config.unlock()
-  config.degradation.poisson_levels = 4
-  return config
-
-
 def _params(config):
   """The denoiser's parameter count of `config`, from the model itself."""
   return dit.param_count(**models.denoiser_kwargs(config.model))
@@ -115,7 +105,7 @@ def test_denoiser(monkeypatch):
 
 @pytest.mark.slow
 def test_train_flops_count_every_layer():
-  config = _tiny_with_degradation(multistep)
+  config = train_utils.tiny_config(multistep)
   record, seconds = _run(config, "train", num_steps=2, warmup=1)
   _check_step(record, seconds, "train", config)
   assert record["shapes"] == {"hq": [8, 64, 64, 3]}
@@ -130,7 +120,7 @@ def test_train_flops_count_every_layer():
 
 @pytest.mark.slow
 def test_distill():
-  config = _tiny_with_degradation(onestep)
+  config = train_utils.tiny_config(onestep)
   _check_step(*_run(config, "distill", num_steps=2, warmup=1), "distill", config)
 
 

@@ -66,8 +66,8 @@ def test_batch_check_names_key():
 @pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("mesh")
-  env = dict(os.environ, XLA_FLAGS=train_utils.xla_flags("--xla_force_host_platform_device_count=8"),
-             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=train_utils.xla_flags("--xla_force_host_platform_device_count=8"))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_equivalence_script.py"),
                          str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
