@@ -70,6 +70,9 @@ def get_base_config():
   config.model.remat_policy = config_dict.placeholder(str)  # None or a dit.REMAT_POLICIES key.
   # Attention: None (CPU 'explicit', else 'xla'), 'xla', 'cudnn' or 'explicit' (custom VJP).
   config.model.attention = config_dict.placeholder(str)
+  # Operand dtype of the denoiser's products: None (config.dtype) or 'bfloat16' (bf16 operands,
+  # float32 accumulation; the fast path of a float32 step on CPUs with avx512_bf16 or AMX).
+  config.model.matmul_dtype = config_dict.placeholder(str)
 
   config.encoder = ml_collections.ConfigDict()
   config.encoder.variant = "B/14"  # A key of vosr_jax.models.vit.VARIANTS.

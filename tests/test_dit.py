@@ -114,6 +114,35 @@ def test_bfloat16_compute_tracks_float32(pair):
   assert 1e-4 < rel < BF16_REL  # really computed in bf16, and close
 
 
+@pytest.mark.parametrize("pair", [True], ids=["student"], indirect=True)
+def test_bf16_products_of_a_float32_model_track_torch(pair):
+  """matmul_dtype='bfloat16': float32 activations and outputs, bf16 operands in every product;
+  the output and every parameter gradient stay within BF16_REL of the float32 torch reference."""
+  ref, _, pure, kwargs = pair
+  args = _inputs(9, 2, (2 * GRID, 2 * GRID), one_step=True)
+  weight = np.random.default_rng(10).standard_normal(args[0].shape, dtype=np.float32)
+  ref.zero_grad()
+  out = _torch_forward(ref, *args)
+  (out * torch.from_numpy(weight)).sum().backward()
+  want_out = out.detach().numpy()
+  want, _ = dit.params_from_torch({k: p.grad for k, p in ref.named_parameters()})
+
+  model = abstract(dit.LightningDiT, **kwargs, matmul_dtype="bfloat16")
+  graphdef, _ = nnx.split(model, nnx.Param)
+  loss = lambda p: (lambda y: (jnp.sum(y * weight), y))(nnx.merge(graphdef, p)(*args))
+  (_, got_out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(param_state(model, pure))
+  assert got_out.dtype == jnp.float32
+  rel = np.linalg.norm(np.asarray(got_out) - want_out) / np.linalg.norm(want_out)
+  assert 1e-4 < rel < BF16_REL
+  for path, g in jax.tree_util.tree_leaves_with_path(grads.to_pure_dict()):
+    w = want
+    for key in path:
+      w = w[key.key]
+    assert g.dtype == jnp.float32
+    rel = np.linalg.norm(np.asarray(g) - w) / (np.linalg.norm(w) + 1e-12)
+    assert rel < BF16_REL, jax.tree_util.keystr(path)
+
+
 def test_rectangular_grid_rope_positions():
   """Rows use positions i/h*G on the first half of hd, columns j/w*G on the second half."""
   h, w, hd = 4, 6, 16

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import vosr_jax  # noqa: F401  (package config)
 from vosr_jax.models import layers
@@ -75,3 +76,67 @@ def test_unknown_implementation_raises():
   (q, k, v), _ = _qkv(4, 8, 8)
   with pytest.raises(ValueError, match="flash"):
     layers.dot_product_attention(q, k, v, "flash")
+
+
+def _bf16_rounded(a):
+  """a rounded to bfloat16, as float64 NumPy (the exact operand the products see)."""
+  return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("dout", [12, (3, 4)], ids=["Linear", "LinearGeneral"])
+def test_low_precision_dense_layer_is_the_product_of_bf16_operands(dout):
+  """Forward and both gradients equal NumPy's float64 products of the bf16-rounded input, kernel
+  and cotangent: the three products take bf16 operands and accumulate in float32."""
+  axes = ("embed", None, "mlp") if isinstance(dout, tuple) else ("embed", "mlp")
+  layer = layers.linear(8, dout, axes, dtype=jnp.float32, matmul_dtype="bfloat16",
+                        rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(layer, nnx.Param)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+  out_shape = dout if isinstance(dout, tuple) else (dout,)
+  cotangent = rng.standard_normal((2, 5) + out_shape).astype(np.float32)
+
+  def loss(p, x):
+    y = nnx.merge(graphdef, p)(x)
+    return jnp.sum(y * cotangent), y
+
+  (_, y), (dparams, dx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  kernel = np.asarray(params["kernel"][...]).reshape(8, -1)
+  bias = np.asarray(params["bias"][...]).reshape(-1)
+  x2, g2 = x.reshape(10, 8), cotangent.reshape(10, -1)
+  want_y = _bf16_rounded(x2) @ _bf16_rounded(kernel) + bias
+  want_dx = _bf16_rounded(g2) @ _bf16_rounded(kernel).T
+  want_dw = _bf16_rounded(x2).T @ _bf16_rounded(g2)
+  assert y.dtype == jnp.float32 and dx.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y).reshape(10, -1), want_y, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(dx).reshape(10, 8), want_dx, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(dparams["kernel"][...]).reshape(8, -1), want_dw,
+                             atol=1e-5, rtol=0)
+  # Not a float32 product: the bf16 rounding is visible at this tolerance.
+  assert np.abs(np.asarray(y).reshape(10, -1) - (x2 @ kernel + bias)).max() > 1e-4
+
+
+def test_low_precision_dot_general_rejects_what_it_does_not_compute():
+  dot = layers.low_precision_dot_general("bfloat16")
+  a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+  with pytest.raises(ValueError, match="dense-layer contractions"):
+    dot(a, b, (((2,), (1,)), ((0,), (0,))))  # a batched product
+  with pytest.raises(ValueError, match="float16"):
+    layers.low_precision_dot_general("float16")
+
+
+def test_attention_with_bf16_products_tracks_float32():
+  (q, k, v), cotangent = _qkv(5, 24, 40)
+
+  def grads(matmul_dtype):
+    return jax.grad(lambda *a: jnp.sum(layers.dot_product_attention(
+        *a, "explicit", matmul_dtype) * cotangent), argnums=(0, 1, 2))(q, k, v)
+
+  out = layers.dot_product_attention(q, k, v, "explicit", "bfloat16")
+  assert out.dtype == jnp.float32
+  rel = jnp.linalg.norm(out - _plain_attention(q, k, v)) / jnp.linalg.norm(out)
+  assert 1e-4 < rel < 0.03
+  for got, want in zip(grads("bfloat16"), grads(None)):
+    assert got.dtype == jnp.float32
+    rel = jnp.linalg.norm(got - want) / jnp.linalg.norm(want)
+    assert 1e-4 < rel < 0.03

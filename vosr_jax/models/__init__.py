@@ -35,11 +35,13 @@ def denoiser_kwargs(model_config):
 
 
 def _denoiser_module(kwargs, model_config, dtype, rngs):
-  """LightningDiT(**kwargs) with the execution options (`scan`, `remat_policy`, `attention`) of
-  `model_config`, or the constructor's own without one."""
+  """LightningDiT(**kwargs) with the execution options (`scan`, `remat_policy`, `attention`,
+  `matmul_dtype`) of `model_config`, or the constructor's own without one."""
   options = {} if model_config is None else dict(
       scan=model_config.scan, remat_policy=model_config.remat_policy,
-      attention=model_config.attention)
+      attention=model_config.attention,
+      # A training workdir's saved config from before this option has none: None is its value.
+      matmul_dtype=model_config.get("matmul_dtype"))
   return dit.LightningDiT(**kwargs, **options, dtype=dtype, rngs=rngs)
 
 
@@ -47,7 +49,8 @@ def build_denoiser(model_config, rngs, dtype):
   """The denoiser of `config.model` (`variant` name plus `overrides`), randomly initialised.
 
   Args:
-    model_config: `config.model` (`variant`, `overrides`, `scan`, `remat_policy`, `attention`).
+    model_config: `config.model` (`variant`, `overrides`, `scan`, `remat_policy`, `attention`,
+      `matmul_dtype`).
     rngs: nnx.Rngs with a `params` stream.
     dtype: compute dtype (parameters stay float32).
   """

@@ -76,8 +76,9 @@ def is_one_step(kwargs):
 class DiTBlock(nnx.Module):
   """AdaLN-single block: gated self-attention, ungated un-normed cross-attention, gated SwiGLU."""
 
-  def __init__(self, dim, num_heads, mlp_hidden, *, attention, dtype, param_dtype, rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, dim, num_heads, mlp_hidden, *, attention, dtype, param_dtype, rngs,
+               matmul_dtype=None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype)
     table_init = jax.nn.initializers.normal(1.0 / math.sqrt(dim))  # torch.randn(6, D) / sqrt(D)
     self.scale_shift_table = nnx.Param(
         init_with_axes(table_init, None, "embed")(rngs.params(), (6, dim), param_dtype))
@@ -100,8 +101,9 @@ class DiTBlock(nnx.Module):
 class FinalLayer(nnx.Module):
   """RMSNorm modulated by (shift, scale) = Linear(SiLU(c)), then Linear(D, p*p*C); zero-init."""
 
-  def __init__(self, dim, out_dim, *, dtype, param_dtype, rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init=_zeros)
+  def __init__(self, dim, out_dim, *, dtype, param_dtype, rngs, matmul_dtype=None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype,
+              init=_zeros)
     self.norm_final = RMSNorm(dim, dtype=dtype, param_dtype=param_dtype)
     self.adaLN_modulation = linear(dim, (2, dim), ("embed", None, "mlp"), **kw)
     self.linear = linear(dim, out_dim, ("embed", "vocab"), **kw)
@@ -143,6 +145,10 @@ class LightningDiT(nnx.Module):
     remat_policy: None, or a key of `REMAT_POLICIES`, to rematerialise each block.
     attention: `layers.dot_product_attention` implementation: None (the backend's fastest:
       "explicit" on CPU, "xla" elsewhere), "xla", "cudnn" or "explicit".
+    matmul_dtype: None (every product in `dtype`), or "bfloat16": the dense layers and the
+      attention take bfloat16 operands with float32 accumulation, forward and backward
+      (`layers.low_precision_dot_general`), while everything else keeps `dtype`; on CPUs with
+      native bf16 dot instructions this is the fast path of a float32 model.
     dtype: compute dtype; parameters are `param_dtype`, norms and softmax run in float32.
     rngs: initialisation randomness (stream `params`).
   """
@@ -150,15 +156,15 @@ class LightningDiT(nnx.Module):
   def __init__(self, *, latent_channels, hidden_size, depth, num_heads, enc_dim, patch_size=2,
                mlp_ratio=4, encdim_ratio=3, rope_grid=32, one_step=False, prediction="velocity",
                pixel_head=0, time_scale=1.0,
-               scan=True, remat_policy=None, attention=None, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs):
+               scan=True, remat_policy=None, attention=None, matmul_dtype=None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs):
     if hidden_size % num_heads or (hidden_size // num_heads) % 4:
       raise ValueError(f"dit.py: hidden_size {hidden_size} / num_heads {num_heads} must give a "
                        "head dim divisible by 4 (2D RoPE)")
     if remat_policy is not None and remat_policy not in REMAT_POLICIES:
       raise ValueError(f"dit.py: remat_policy {remat_policy!r} is not one of "
                        f"{sorted(REMAT_POLICIES)} or None")
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype)
     d, p, c = hidden_size, patch_size, latent_channels
     self.latent_channels, self.patch_size, self.depth = c, p, depth
     self.head_dim, self.rope_grid, self.enc_dim = d // num_heads, rope_grid, enc_dim
@@ -184,11 +190,12 @@ class LightningDiT(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(block_rngs):
       return DiTBlock(d, num_heads, mlp_hidden, attention=attention, dtype=dtype,
-                      param_dtype=param_dtype, rngs=block_rngs)
+                      param_dtype=param_dtype, rngs=block_rngs, matmul_dtype=matmul_dtype)
 
     self.blocks = make_blocks(rngs)
     self.final_layer = FinalLayer(d, p * p * (pixel_head or c), **kw)
-    self.pixel_head = conv(pixel_head, c, 3, **kw) if pixel_head else None
+    self.pixel_head = conv(pixel_head, c, 3, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs) if pixel_head else None
 
   def _conditioning(self, t, r):
     """c = t_emb(t) [+ r_emb(r) * (t - r)]: (B,) times -> (B, D)."""
