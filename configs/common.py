@@ -68,7 +68,8 @@ def get_base_config():
   config.model.path = ""
   config.model.scan = True  # lax.scan over the blocks (compile time independent of depth).
   config.model.remat_policy = config_dict.placeholder(str)  # None or a dit.REMAT_POLICIES key.
-  # Attention: None (CPU 'explicit', else 'xla'), 'xla', 'cudnn' or 'explicit' (custom VJP).
+  # Attention: None (CPU 'explicit', else 'xla'), 'xla', 'cudnn', 'explicit' (custom VJP) or
+  # 'explicit_saved' (the same, keeping the probabilities for the backward pass).
   config.model.attention = config_dict.placeholder(str)
   # Operand dtype of the denoiser's products: None (config.dtype) or 'bfloat16' (bf16 operands,
   # float32 accumulation; the fast path of a float32 step on CPUs with avx512_bf16 or AMX).

@@ -39,7 +39,7 @@ def test_explicit_attention_matches_plain_grad(nq, nk):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("implementation", [None, "xla", "explicit"])
+@pytest.mark.parametrize("implementation", [None, "xla", "explicit", "explicit_saved"])
 def test_implementations_agree_forward(implementation):
   (q, k, v), _ = _qkv(1, 24, 40)
   out = layers.dot_product_attention(q, k, v, implementation)
@@ -140,3 +140,19 @@ def test_attention_with_bf16_products_tracks_float32():
     assert got.dtype == jnp.float32
     rel = jnp.linalg.norm(got - want) / jnp.linalg.norm(want)
     assert 1e-4 < rel < 0.03
+
+
+def test_explicit_attention_saved_probabilities_give_the_same_gradients():
+  """'explicit_saved' keeps the probabilities (rows summing to 1, in the operands' dtype) where
+  'explicit' keeps the (B, H, Nq, 1) log-normaliser; both give the plain gradients."""
+  (q, k, v), cotangent = _qkv(6, 24, 40)
+  fwd = layers._explicit_attention_fwd  # pylint: disable=protected-access
+  assert fwd(q, k, v, False)[1][-1].shape == (2, 3, 24, 1)
+  saved = fwd(q, k, v, True)[1][-1]
+  assert saved.shape == (2, 3, 24, 40)
+  np.testing.assert_allclose(jnp.sum(saved, -1), 1.0, atol=1e-5)
+  want = jax.grad(lambda *a: jnp.sum(_plain_attention(*a) * cotangent), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(lambda *a: jnp.sum(layers.dot_product_attention(*a, "explicit_saved")
+                                    * cotangent), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=0)

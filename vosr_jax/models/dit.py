@@ -144,7 +144,7 @@ class LightningDiT(nnx.Module):
     scan: run the block stack with `lax.scan` (compile time independent of depth) or unrolled.
     remat_policy: None, or a key of `REMAT_POLICIES`, to rematerialise each block.
     attention: `layers.dot_product_attention` implementation: None (the backend's fastest:
-      "explicit" on CPU, "xla" elsewhere), "xla", "cudnn" or "explicit".
+      "explicit" on CPU, "xla" elsewhere), "xla", "cudnn", "explicit" or "explicit_saved".
     matmul_dtype: None (every product in `dtype`), or "bfloat16": the dense layers and the
       attention take bfloat16 operands with float32 accumulation, forward and backward
       (`layers.low_precision_dot_general`), while everything else keeps `dtype`; on CPUs with

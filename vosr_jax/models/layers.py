@@ -30,7 +30,7 @@ def init_with_axes(init, *axes):
   return nnx.with_partitioning(init, axes)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "explicit")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "explicit", "explicit_saved")
 
 
 def dot_product_attention(q, k, v, implementation=None, matmul_dtype=None):
@@ -46,6 +46,10 @@ def dot_product_attention(q, k, v, implementation=None, matmul_dtype=None):
       "explicit" `explicit_attention`: head-major einsums and a hand-written VJP that recomputes
                  the probabilities from the saved log-normaliser (default on CPU, where XLA's
                  autodiff of the softmax and its transposed operands cost more than the matmuls).
+      "explicit_saved" the same VJP from the probabilities kept by the forward pass, in the
+                 operands' dtype: (Nq, Nk) more memory per call for one product and exponential
+                 less; faster with bfloat16 operands in unrolled blocks, slower in scanned ones
+                 (README, "Performance").
   Returns:
     (B, Nq, H, hd) in q's dtype.
   """
@@ -57,8 +61,8 @@ def dot_product_attention(q, k, v, implementation=None, matmul_dtype=None):
   out_dtype = q.dtype
   if matmul_dtype is not None:
     q, k, v = (a.astype(matmul_dtype) for a in (q, k, v))
-  if implementation == "explicit":
-    return explicit_attention(q, k, v).astype(out_dtype)
+  if implementation in ("explicit", "explicit_saved"):
+    return explicit_attention(q, k, v, implementation == "explicit_saved").astype(out_dtype)
   return jax.nn.dot_product_attention(
       q, k, v, implementation=None if implementation == "xla" else "cudnn").astype(out_dtype)
 
@@ -68,22 +72,24 @@ def _heads_first(x):
   return jnp.swapaxes(x, 1, 2)
 
 
-def _explicit_attention_fwd(q, k, v):
-  """Forward of `explicit_attention`; saves head-major q (scaled), k, v, the output and the
-  softmax's log-normaliser (B, H, Nq, 1), not the (Nq, Nk) probabilities."""
+def _explicit_attention_fwd(q, k, v, save_probabilities):
+  """Forward of `explicit_attention`; saves head-major q (scaled), k, v, the output and either the
+  probabilities (B, H, Nq, Nk) in v's dtype or the softmax's log-normaliser (B, H, Nq, 1)."""
   q = _heads_first(q) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   k, v = _heads_first(k), _heads_first(v)
   logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32)
   shift = jnp.max(logits, axis=-1, keepdims=True)
   probs = jnp.exp(logits - shift)
   total = jnp.sum(probs, axis=-1, keepdims=True)
-  out = jnp.einsum("bhnm,bhmd->bhnd", (probs / total).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return _heads_first(out).astype(q.dtype), (q, k, v, out, shift + jnp.log(total))
+  probs = (probs / total).astype(v.dtype)
+  out = jnp.einsum("bhnm,bhmd->bhnd", probs, v, preferred_element_type=jnp.float32)
+  saved = probs if save_probabilities else shift + jnp.log(total)
+  return _heads_first(out).astype(q.dtype), (q, k, v, out, saved)
 
 
-def _explicit_attention_bwd(residuals, grad):
-  """Softmax-attention VJP (flash-attention's formulas), P recomputed as exp(Q K^T - lse).
+def _explicit_attention_bwd(save_probabilities, residuals, grad):
+  """Softmax-attention VJP (flash-attention's formulas), P saved or recomputed as
+  exp(Q K^T - lse).
 
   dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T (Q * scale); dK
   and dV are computed as (hd, Nk) products, so that no (Nq, Nk) matrix is transposed, from
@@ -92,9 +98,13 @@ def _explicit_attention_bwd(residuals, grad):
   AMD EPYC at the bench-small cross-attention's shapes: 99 against 118 GFLOP/s in float32, 81
   against 158 with bfloat16 operands).
   """
-  q, k, v, out, lse = residuals
+  q, k, v, out, saved = residuals
   grad = _heads_first(grad)
-  probs = jnp.exp(jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32) - lse)
+  if save_probabilities:
+    probs = saved.astype(jnp.float32)
+  else:
+    probs = jnp.exp(jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32)
+                    - saved)
   dprobs = jnp.einsum("bhnd,bhmd->bhnm", grad, v, preferred_element_type=jnp.float32)
   delta = jnp.sum(grad.astype(jnp.float32) * out, axis=-1, keepdims=True)
   dlogits = probs * (dprobs - delta)
@@ -109,16 +119,18 @@ def _explicit_attention_bwd(residuals, grad):
   return _heads_first(dq).astype(q.dtype), dk, dv
 
 
-@jax.custom_vjp
-def explicit_attention(q, k, v):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def explicit_attention(q, k, v, save_probabilities=False):
   """Softmax attention (scale hd**-0.5, no mask) with the VJP `_explicit_attention_bwd`.
 
   Args:
     q: (B, Nq, H, hd); k, v: (B, Nk, H, hd).
+    save_probabilities: keep the (B, H, Nq, Nk) probabilities for the VJP (in v's dtype) instead
+      of recomputing them from the (B, H, Nq, 1) log-normaliser.
   Returns:
     (B, Nq, H, hd) in q's dtype; the logits, softmax and its gradient run in float32.
   """
-  return _explicit_attention_fwd(q, k, v)[0]
+  return _explicit_attention_fwd(q, k, v, save_probabilities)[0]
 
 
 explicit_attention.defvjp(_explicit_attention_fwd, _explicit_attention_bwd)

@@ -157,7 +157,7 @@ class ViT(nnx.Module):
       pos_interpolation: "hub" | "hf" | "antialias" (see the module docstring).
       scan: run the blocks with lax.scan (compile once) instead of an unrolled loop.
       attention: `layers.dot_product_attention` implementation (None: "explicit" on CPU, else
-        "xla"; or "xla", "cudnn", "explicit").
+        "xla"; or "xla", "cudnn", "explicit", "explicit_saved").
       dtype: matmul compute dtype; LayerNorm, softmax, the residual stream and outputs stay float32.
       rngs: nnx.Rngs with a 'params' stream.
     """
