@@ -92,11 +92,12 @@ def _explicit_attention_bwd(save_probabilities, residuals, grad):
   exp(Q K^T - lse).
 
   dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T (Q * scale); dK
-  and dV are computed as (hd, Nk) products, so that no (Nq, Nk) matrix is transposed, from
-  (hd, Nq) copies of Q and dO kept apart by an optimisation barrier: folded into the product, the
-  transpose sends it to XLA:CPU's generic dot instead of its YNNPACK kernel (measured on a 2-core
-  AMD EPYC at the bench-small cross-attention's shapes: 99 against 118 GFLOP/s in float32, 81
-  against 158 with bfloat16 operands).
+  and dV are computed as (hd, Nk) products, so that no (Nq, Nk) matrix is transposed. With
+  operands narrower than float32 the (hd, Nq) copies of Q and dO are kept apart by an
+  optimisation barrier: folded into the product, the transpose sends it to XLA:CPU's generic dot
+  instead of its YNNPACK kernel (measured on a 2-core AMD EPYC at the bench-small
+  cross-attention's shapes: 81 against 158 GFLOP/s with bfloat16 operands; 99 against 118 in
+  float32, where the whole step showed no difference).
   """
   q, k, v, out, saved = residuals
   grad = _heads_first(grad)
@@ -110,11 +111,14 @@ def _explicit_attention_bwd(save_probabilities, residuals, grad):
   dlogits = probs * (dprobs - delta)
   dq = jnp.einsum("bhnm,bhmd->bhnd", dlogits.astype(k.dtype), k,
                   preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  q_t, grad_t = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3), jnp.swapaxes(grad, 2, 3)))
-  dk = jnp.einsum("bhdn,bhnm->bhdm", q_t, dlogits.astype(q.dtype),
-                  preferred_element_type=jnp.float32)
-  dv = jnp.einsum("bhdn,bhnm->bhdm", grad_t, probs.astype(grad.dtype),
-                  preferred_element_type=jnp.float32)
+  if jnp.finfo(q.dtype).bits < 32:
+    q_in, grad_in = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3),
+                                                  jnp.swapaxes(grad, 2, 3)))
+    spec = "bhdn,bhnm->bhdm"
+  else:  # float32: the same speed either way, and the program it always was.
+    q_in, grad_in, spec = q, grad, "bhnd,bhnm->bhdm"
+  dk = jnp.einsum(spec, q_in, dlogits.astype(q.dtype), preferred_element_type=jnp.float32)
+  dv = jnp.einsum(spec, grad_in, probs.astype(grad.dtype), preferred_element_type=jnp.float32)
   dk, dv = (jnp.transpose(a, (0, 3, 1, 2)).astype(k.dtype) for a in (dk, dv))
   return _heads_first(dq).astype(q.dtype), dk, dv
 
