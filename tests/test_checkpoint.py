@@ -153,6 +153,7 @@ def test_upgrade_saved_config_fills_only_missing_fields():
   assert upgraded["objective"]["target"] == "residual"  # kept
   assert upgraded["model"]["overrides"]["one_step"] is False
   assert upgraded["optim"]["decay_steps"] == 0
+  assert upgraded["model"]["matmul_dtype"] is None  # configs saved before the option
 
 
 def test_latest_train_config_and_ema_are_the_newest_steps(tmp_path):

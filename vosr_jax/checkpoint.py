@@ -427,7 +427,7 @@ def abstract_target(abstract, shardings=None):
 # whose saved config lacks them was trained. `latest_train_config` fills them in: the one place
 # where old saved configs are brought up to date.
 SAVED_CONFIG_FIELDS = (("model.overrides.one_step", False), ("objective.target", "latent"),
-                       ("optim.decay_steps", 0))
+                       ("optim.decay_steps", 0), ("model.matmul_dtype", None))
 
 
 def upgrade_saved_config(config):

@@ -39,9 +39,7 @@ def _denoiser_module(kwargs, model_config, dtype, rngs):
   `matmul_dtype`) of `model_config`, or the constructor's own without one."""
   options = {} if model_config is None else dict(
       scan=model_config.scan, remat_policy=model_config.remat_policy,
-      attention=model_config.attention,
-      # A training workdir's saved config from before this option has none: None is its value.
-      matmul_dtype=model_config.get("matmul_dtype"))
+      attention=model_config.attention, matmul_dtype=model_config.matmul_dtype)
   return dit.LightningDiT(**kwargs, **options, dtype=dtype, rngs=rngs)
 
 
