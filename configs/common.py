@@ -71,8 +71,9 @@ def get_base_config():
   # Attention: None (CPU 'explicit', else 'xla'), 'xla', 'cudnn', 'explicit' (custom VJP) or
   # 'explicit_saved' (the same, keeping the probabilities for the backward pass).
   config.model.attention = config_dict.placeholder(str)
-  # Operand dtype of the denoiser's products: None (config.dtype) or 'bfloat16' (bf16 operands,
-  # float32 accumulation; the fast path of a float32 step on CPUs with avx512_bf16 or AMX).
+  # Operand dtype of the denoiser's dense and attention products: None (config.dtype) or
+  # 'bfloat16' (bf16 operands, float32 accumulation; the fast path of a float32 step on CPUs with
+  # avx512_bf16 or AMX).
   config.model.matmul_dtype = config_dict.placeholder(str)
 
   config.encoder = ml_collections.ConfigDict()
