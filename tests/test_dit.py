@@ -129,7 +129,11 @@ def test_bf16_products_of_a_float32_model_track_torch(pair):
 
   model = abstract(dit.LightningDiT, **kwargs, matmul_dtype="bfloat16")
   graphdef, _ = nnx.split(model, nnx.Param)
-  loss = lambda p: (lambda y: (jnp.sum(y * weight), y))(nnx.merge(graphdef, p)(*args))
+
+  def loss(params):
+    out = nnx.merge(graphdef, params)(*args)
+    return jnp.sum(out * weight), out
+
   (_, got_out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(param_state(model, pure))
   assert got_out.dtype == jnp.float32
   rel = np.linalg.norm(np.asarray(got_out) - want_out) / np.linalg.norm(want_out)

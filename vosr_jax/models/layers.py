@@ -38,8 +38,6 @@ def dot_product_attention(q, k, v, implementation=None, matmul_dtype=None):
 
   Args:
     q: (B, Nq, H, hd); k, v: (B, Nk, H, hd).
-    matmul_dtype: None, or the dtype q, k and v are cast to for the attention's products (see
-      `low_precision_dot_general`; the logits and softmax stay float32).
     implementation: one of `ATTENTION_IMPLEMENTATIONS`, or None for the backend's fastest:
       "xla"      `jax.nn.dot_product_attention` lowered by XLA (default off CPU);
       "cudnn"    `jax.nn.dot_product_attention`'s cuDNN flash kernel (NVIDIA GPUs);
@@ -50,6 +48,8 @@ def dot_product_attention(q, k, v, implementation=None, matmul_dtype=None):
                  operands' dtype: (Nq, Nk) more memory per call for one product and exponential
                  less; faster with bfloat16 operands in unrolled blocks, slower in scanned ones
                  (README, "Performance").
+    matmul_dtype: None, or the dtype q, k and v are cast to for the attention's products (see
+      `low_precision_dot_general`; the logits and softmax stay float32).
   Returns:
     (B, Nq, H, hd) in q's dtype.
   """
@@ -146,10 +146,11 @@ MATMUL_DTYPES = ("bfloat16",)  # Operand dtypes of `low_precision_dot_general`.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _low_precision_matmul(x, w, dtype):
   """(M, K) @ (K, N) with both operands cast to `dtype`, accumulated and returned in float32."""
-  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  return _low_precision_matmul_fwd(x, w, dtype)[0]
 
 
 def _low_precision_matmul_fwd(x, w, dtype):
+  """Forward of `_low_precision_matmul`; saves the cast operands."""
   x, w = x.astype(dtype), w.astype(dtype)
   return jnp.dot(x, w, preferred_element_type=jnp.float32), (x, w)
 
